@@ -24,6 +24,7 @@ class Sample:
     image_tiles: list[int] = field(default_factory=list)  # tiles per image, in prompt order
     source: str = ""  # "file:line" for messages
     kind: str = "multimodal"  # multimodal | text
+    index: int = -1  # position in the global sample order (seeds per-sample randomness)
 
     @property
     def num_tokens(self) -> int:
