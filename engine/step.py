@@ -1,0 +1,112 @@
+"""One optimisation step on one process: pack microbatches, forward/backward, global loss scale.
+
+The loss of a step is sum(w * ce) / W over all its microbatches, with W the sum of the token
+weights of the whole global batch, known before any forward pass. Every microbatch backward
+is scaled by 1/W, so gradients equal those of one big batch however the samples were split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional, Sequence
+
+import torch
+
+from engine.config import Config
+from engine.data.batch import PackedBatch, Sample
+
+
+def split_contiguous(items: Sequence, parts: int) -> list[list]:
+    """Split into ``parts`` contiguous chunks whose sizes differ by at most one."""
+    n = len(items)
+    out, start = [], 0
+    for i in range(parts):
+        size = n // parts + (1 if i < n % parts else 0)
+        out.append(list(items[start:start + size]))
+        start += size
+    return out
+
+
+def pack(samples: Sequence[Sample], cfg: Config, pad_id: int = 0, pad_to_multiple: int = 1) -> PackedBatch:
+    """Pack samples into rows, with V2PE deltas drawn per sample from (seed, global index)."""
+    from engine.data.packing import pack_samples, sample_v2pe_deltas
+
+    d = cfg.data
+    deltas = [sample_v2pe_deltas(s, cfg.train.seed, s.index, d.v2pe_random_delta, d.v2pe_delta) for s in samples]
+    return pack_samples(list(samples), d.max_packed_tokens, cfg.model.img_context_token_id, d.loss_reduction,
+                        deltas=deltas, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
+
+
+def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def forward_backward(model, batches: Sequence[PackedBatch], device: torch.device,
+                     autocast_dtype: Optional[torch.dtype] = None, weight_total: Optional[float] = None) -> dict:
+    """Accumulate gradients of the global loss over ``batches``; returns loss and token counts."""
+    W = weight_total if weight_total is not None else float(sum(b.loss_weights.sum() for b in batches))
+    stats = {"loss": 0.0, "weight_total": W, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0}
+    if W <= 0:
+        return stats
+    for b in batches:
+        b = b.to(device)
+        with autocast_context(device, autocast_dtype):
+            loss_sum, _ = model.loss_terms(b)
+        (loss_sum / W).backward()
+        stats["loss"] += float(loss_sum.detach()) / W
+        stats["text_tokens"] += b.text_tokens
+        stats["visual_tokens"] += b.visual_tokens
+        stats["samples"] += b.num_samples
+    stats["tokens"] = stats["text_tokens"] + stats["visual_tokens"]
+    return stats
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches: Sequence[PackedBatch], device: torch.device) -> float:
+    """sum(w * ce) / sum(w) over ``batches`` without gradients."""
+    num, den = 0.0, 0.0
+    for b in batches:
+        ls, ws = model.loss_terms(b.to(device))
+        num += float(ls)
+        den += float(ws)
+    return num / max(den, 1e-12)
+
+
+class LocalRunner:
+    """The single-process runner. ``engine.parallel.runner.ParallelRunner`` has the same
+    interface for any layout: ``forward_backward``, ``clip_grad_norm``, ``optimizer``,
+    ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, model, cfg: Config, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+                 pad_id: int = 0):
+        from engine.optim import build_optimizer
+
+        self.cfg = cfg
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.pad_id = pad_id
+        self.model = model.to(device)
+        self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
+
+    def forward_backward(self, samples: Sequence[Sample]) -> dict:
+        groups = [g for g in split_contiguous(samples, self.cfg.parallel.llm.microbatches) if g]
+        batches = [pack(g, self.cfg, self.pad_id) for g in groups]
+        return forward_backward(self.model, batches, self.device, self.autocast_dtype)
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        from engine.optim import clip_grad_norm
+
+        return clip_grad_norm([p for p in self.model.parameters() if p.requires_grad], max_norm)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def full_state_dict(self) -> dict:
+        """The whole model's weights in engine key names (gathered when parallel)."""
+        return self.model.state_dict()

@@ -1,0 +1,231 @@
+"""The training loop: set-up, steps, logging, checkpoints, resume, preemption signals.
+
+Runs as one process or under ``torchrun``; the parallel layout lives in the runner
+(``LocalRunner`` for one process, ``ParallelRunner`` otherwise), never in the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import signal
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint import CheckpointError, CheckpointManager
+from engine.config import Config, ConfigError, save_config, validate_config
+from engine.metrics import MetricsLogger, setup_logging
+from engine.models.internvl import InternVLModel
+from engine.optim import build_scheduler
+
+log = logging.getLogger("engine.trainer")
+
+
+def init_distributed() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend)
+    return rank, world, local_rank
+
+
+def resolve_device(choice: str, local_rank: int) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but no CUDA device is available")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype: bf16 on GPU, none (float32) on CPU unless asked."""
+    if choice == "bfloat16" or (choice == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def sync_token_ids(cfg: Config, tok) -> None:
+    """The model's image token ids come from the tokenizer; the vocabulary must hold it."""
+    m = cfg.model
+    for key, tid in (("img_context_token_id", tok.img_context_id), ("img_start_token_id", tok.img_start_id),
+                     ("img_end_token_id", tok.img_end_id)):
+        if tid is not None:
+            setattr(m, key, int(tid))
+    if tok.vocab_size > m.llm.vocab_size:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer} has {tok.vocab_size} tokens but "
+                          f"model.llm.vocab_size={m.llm.vocab_size}")
+
+
+def build_model(cfg: Config) -> InternVLModel:
+    """The full single-process model, identical on every rank (same seed)."""
+    from engine.models.kernel_select import configure_kernels
+
+    torch.manual_seed(cfg.train.seed)
+    model = InternVLModel(cfg.model)
+    configure_kernels(model, cfg.kernels)
+    model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.train.freeze_vit:
+        model.vision_model.requires_grad_(False)
+    return model
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank = init_distributed()
+        setup_logging(self.rank)
+        validate_config(cfg, self.world)
+        self.device = resolve_device(cfg.train.device, self.local_rank)
+        self.autocast_dtype = resolve_dtype(cfg.train.dtype, self.device)
+        self.run_dir = cfg.run_dir
+        seed_everything(cfg.train.seed)
+
+        from engine.data.dataset import build_step_loader
+        from engine.data.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        sync_token_ids(cfg, self.tokenizer)
+        self.loader = build_step_loader(cfg, self.tokenizer)
+
+        model = build_model(cfg)
+        pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
+        if self.world > 1:
+            from engine.parallel.runner import ParallelRunner
+
+            self.runner = ParallelRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        else:
+            from engine.step import LocalRunner
+
+            self.runner = LocalRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        self.scheduler = build_scheduler(self.runner.optimizer, cfg.train)
+        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last)
+        self.step = 0
+        self._stop_signal: Optional[int] = None
+        self._resume()
+        if self.rank == 0:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"step": self.step, "runner": self.runner.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "loader": self.loader.state_dict(), "world_size": self.world}
+
+    def save(self) -> str:
+        path = self.ckpt.save(self.step, self.state_dict())
+        log.info("saved checkpoint %s", path)
+        return path
+
+    def _resume(self) -> None:
+        choice = self.cfg.train.resume
+        if choice == "none":
+            return
+        path = self.ckpt.latest() if choice == "auto" else choice
+        if path is None:
+            return
+        manifest = CheckpointManager.check(path)
+        if manifest["world_size"] != self.world:
+            raise CheckpointError(f"{path} was saved by {manifest['world_size']} ranks; this run has {self.world} "
+                                  f"(convert it with tools/convert_checkpoint.py)")
+        state = CheckpointManager.load_rank(path, self.rank)
+        self.runner.load_state_dict(state["runner"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+        self.step = int(state["step"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------ signals
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+        log.warning("received signal %d: will save and exit after this step", signum)
+
+    def _install_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+
+    def _should_stop(self) -> bool:
+        flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
+        if self.world > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> list[dict]:
+        cfg = self.cfg.train
+        self._install_signals()
+        metrics = MetricsLogger(self.run_dir, cfg.steps, self.step, enabled=self.rank == 0,
+                                progress=cfg.progress, tensorboard=cfg.tensorboard)
+        history = []
+        try:
+            while self.step < cfg.steps:
+                row = self.train_step()
+                history.append(row)
+                if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
+                    metrics.log(self.step, row)
+                if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.steps:
+                    self.save()
+                if self._should_stop():
+                    self.save()
+                    log.warning("stopped by signal %s at step %d after saving", self._stop_signal, self.step)
+                    return history
+            if cfg.steps > 0 and (not self.ckpt.published() or self.ckpt.published()[-1] != f"step_{self.step:08d}"):
+                self.save()
+        finally:
+            metrics.close()
+        return history
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        samples = self.loader.next_step()
+        self.runner.optimizer.zero_grad(set_to_none=True)
+        stats = self.runner.forward_backward(samples)
+        grad_norm = self.runner.clip_grad_norm(self.cfg.train.grad_clip)
+        lr = self.scheduler.get_last_lr()[0]
+        if stats["weight_total"] > 0:
+            self.runner.optimizer.step()
+        else:
+            log.warning("step %d has no supervised tokens (all samples skipped?): optimizer step skipped",
+                        self.step + 1)
+        self.scheduler.step()
+        self.step += 1
+        dt = time.perf_counter() - t0
+        skipped = self.loader.skipped_total()
+        return {"loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "tokens": stats["tokens"],
+                "text_tokens": stats["text_tokens"], "visual_tokens": stats["visual_tokens"],
+                "samples": stats["samples"], "skipped_samples": skipped, "step_time": dt,
+                "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
+                **{k: v for k, v in stats.items() if k.startswith("balance/") or k.startswith("skip/")}}
