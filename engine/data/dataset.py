@@ -1,0 +1,475 @@
+"""InternVL training data: meta JSON + JSONL conversations, mixed with a plain-text corpus.
+
+The global sample order is map-style and infinite: global index ``i`` is a text document or a
+multimodal sample by a fixed interleaving whose text share makes text ``data.lm_ratio`` of all
+tokens on average; each stream is reshuffled every epoch from the seed (``repeat_time``
+honoured). ``meta(i)`` is cheap (tokens + image headers, no pixels); ``load(i)`` returns the
+``Sample`` or None for a bad sample, which is counted by reason and logged with file:line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from engine.config import DataConfig, ModelConfig
+from engine.data.batch import Sample
+from engine.data.conversation import (ConversationError, insert_missing_placeholders, tokenize_conversation,
+                                      tokenize_text_document, validate_conversation)
+from engine.data.images import ImageProcessor
+from engine.data.seeding import sample_random, sample_seed
+from engine.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("engine.data")
+
+SKIP_REASONS = ("missing_image", "corrupt_image", "malformed", "image_mismatch", "too_long")
+_SHARE_DEN = 1 << 24  # the text share is held as an exact fraction of this
+
+
+class DataError(ValueError):
+    """The data configuration or a meta file is unusable (raised at start, never per sample)."""
+
+
+class BadSample(Exception):
+    """A sample to skip; ``reason`` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class SampleMeta(NamedTuple):
+    """Size of a sample before loading: non-visual tokens and image tiles (0, 0 for a bad sample).
+    Its length is ``text_tokens + tiles * num_image_token``."""
+
+    text_tokens: int
+    tiles: int
+
+
+@dataclass
+class LoadResult:
+    index: int
+    sample: Optional[Sample]
+    source: str
+    reason: str = ""
+    message: str = ""
+
+
+class LineFile:
+    """Non-blank lines of a text file, by position, read with ``pread`` (thread-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        starts, ends, numbers = [], [], []
+        pos = 0
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    starts.append(pos)
+                    ends.append(pos + len(line))
+                    numbers.append(number)
+                pos += len(line)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.ends = np.asarray(ends, dtype=np.int64)
+        self.numbers = np.asarray(numbers, dtype=np.int64)
+        self._fd: Optional[int] = os.open(path, os.O_RDONLY)
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def read(self, k: int) -> bytes:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        a, b = int(self.starts[k]), int(self.ends[k])
+        return os.pread(self._fd, b - a, a)
+
+    def source(self, k: int) -> str:
+        return f"{self.path}:{int(self.numbers[k])}"
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+@dataclass
+class Annotation:
+    """One entry of the meta JSON."""
+
+    name: str
+    root: str
+    lines: LineFile
+    repeat_time: float = 1.0
+    data_augment: bool = True
+
+
+@dataclass
+class _Prepared:
+    input_ids: list[int]
+    labels: list[int]
+    image_paths: list[str] = field(default_factory=list)
+    image_tiles: list[int] = field(default_factory=list)
+
+
+def _resolve(path: str, base_dir: str) -> str:
+    """Absolute paths as they are; relative ones against the meta file's folder, else the cwd."""
+    if os.path.isabs(path):
+        return path
+    beside = os.path.join(base_dir, path)
+    return beside if os.path.exists(beside) or not os.path.exists(path) else path
+
+
+def load_meta(meta_path: str) -> list[Annotation]:
+    """Parse InternVL's meta JSON ``{name: {root, annotation, repeat_time, ...}}``."""
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"data.meta_path={meta_path!r}: meta file not found")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"data.meta_path={meta_path!r}: not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not meta:
+        raise DataError(f"{meta_path}: expected a non-empty object {{name: {{root, annotation, ...}}}}")
+    base = os.path.dirname(os.path.abspath(meta_path))
+    out = []
+    for name, entry in meta.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"{meta_path}: entry {name!r} must be an object")
+        for key in ("root", "annotation"):
+            if not isinstance(entry.get(key), str) or not entry[key]:
+                raise DataError(f"{meta_path}: entry {name!r} lacks a string '{key}'")
+        repeat = entry.get("repeat_time", 1)
+        if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0:
+            raise DataError(f"{meta_path}: entry {name!r}: repeat_time={repeat!r} must be a positive number")
+        root = _resolve(entry["root"], base)
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{meta_path}: entry {name!r}: root folder not found: {root}")
+        annotation = _resolve(entry["annotation"], base)
+        if not os.path.isfile(annotation):
+            raise FileNotFoundError(f"{meta_path}: entry {name!r}: annotation file not found: {annotation}")
+        lines = LineFile(annotation)
+        if len(lines) == 0:
+            log.warning("%s: entry %r: annotation %s has no records", meta_path, name, annotation)
+        out.append(Annotation(name, root, lines, float(repeat), bool(entry.get("data_augment", True))))
+    return out
+
+
+def _repeat_pool(annotations: list[Annotation], seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(annotation index, line) of every multimodal sample in one epoch: floor(repeat_time) full
+    copies plus a seeded subset for the fractional part."""
+    srcs, lines = [], []
+    for a, ann in enumerate(annotations):
+        n = len(ann.lines)
+        whole, frac = int(math.floor(ann.repeat_time)), ann.repeat_time - math.floor(ann.repeat_time)
+        parts = [np.arange(n, dtype=np.int64)] * whole
+        extra = int(round(frac * n))
+        if extra:
+            rng = np.random.default_rng(sample_seed(seed, a, f"repeat:{ann.name}"))
+            parts.append(np.sort(rng.permutation(n)[:extra]))
+        for p in parts:
+            srcs.append(np.full(p.size, a, dtype=np.int32))
+            lines.append(p)
+    if not srcs:
+        return np.zeros(0, np.int32), np.zeros(0, np.int64)
+    return np.concatenate(srcs), np.concatenate(lines)
+
+
+class InternVLDataset:
+    """Multimodal conversations (meta JSON) mixed with a text corpus; see the module docstring.
+
+    ``seed`` fixes the order and every per-sample random draw; ``tokenizer`` defaults to
+    ``load_tokenizer(data.tokenizer)``; ``ratio_probe`` samples per stream estimate the mean lengths
+    that set the text share. ``data.system_prompt`` (optional) replaces InternVL's system prompt.
+    """
+
+    def __init__(self, data: DataConfig, model: ModelConfig, seed: int, tokenizer: Optional[Tokenizer] = None,
+                 ratio_probe: int = 256) -> None:
+        self.data = data
+        self.seed = int(seed)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data.tokenizer)
+        self._check_tokenizer(model)
+        self.num_image_token = model.num_image_token
+        self.max_sample_tokens = int(data.max_sample_tokens)
+        self.system_prompt: Optional[str] = getattr(data, "system_prompt", None)
+        self.processor = ImageProcessor(model.vision.image_size, data.min_dynamic_patch, data.max_dynamic_patch,
+                                        data.use_thumbnail, data.jpeg_aug_prob)
+        self.annotations = load_meta(data.meta_path) if data.meta_path else []
+        self.mm_src, self.mm_line = _repeat_pool(self.annotations, self.seed)
+        self.text: Optional[LineFile] = None
+        if data.text_corpus:
+            if not os.path.isfile(data.text_corpus):
+                raise FileNotFoundError(f"data.text_corpus={data.text_corpus!r}: file not found")
+            self.text = LineFile(data.text_corpus)
+        if self.mm_src.size == 0 and self.num_text_docs == 0:
+            raise DataError(f"no samples: data.meta_path={data.meta_path!r} and "
+                            f"data.text_corpus={data.text_corpus!r} hold no records")
+        self.stats: dict[str, int] = {}
+        self._perm_lock = threading.Lock()
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+        self._meta_cached = lru_cache(maxsize=1 << 20)(self._entry_meta)
+        self.mean_tokens = (0.0, 0.0)  # (multimodal, text) estimates
+        self.text_share = self._choose_text_share(float(data.lm_ratio), ratio_probe)
+        self._share_num = int(round(self.text_share * _SHARE_DEN))
+        log.info("data: %d multimodal samples/epoch from %d annotations, %d text documents; text share %.3f "
+                 "of samples (mean tokens: multimodal %.1f, text %.1f) for lm_ratio %.2f",
+                 self.mm_src.size, len(self.annotations), self.num_text_docs, self.text_share,
+                 self.mean_tokens[0], self.mean_tokens[1], data.lm_ratio)
+
+    # ------------------------------------------------------------------ setup
+
+    def _check_tokenizer(self, model: ModelConfig) -> None:
+        tok = self.tokenizer
+        for key, want, got in (("model.img_context_token_id", model.img_context_token_id, tok.img_context_id),
+                               ("model.img_start_token_id", model.img_start_token_id, tok.img_start_id),
+                               ("model.img_end_token_id", model.img_end_token_id, tok.img_end_id)):
+            if want != got:
+                raise DataError(f"{key}={want} but the tokenizer {tok.path} has id {got} for that token")
+        if tok.vocab_size > model.llm.vocab_size:
+            raise DataError(f"tokenizer {tok.path} has {tok.vocab_size} tokens, more than "
+                            f"model.llm.vocab_size={model.llm.vocab_size}")
+
+    @property
+    def num_text_docs(self) -> int:
+        return 0 if self.text is None else len(self.text)
+
+    @property
+    def num_multimodal(self) -> int:
+        """Multimodal samples per epoch (repeat_time applied)."""
+        return int(self.mm_src.size)
+
+    def _choose_text_share(self, lm_ratio: float, probe: int) -> float:
+        """Fraction p of samples that are text so that text is ``lm_ratio`` of tokens on average:
+        p*Tt / (p*Tt + (1-p)*Tm) = r  =>  p = r*Tm / (r*Tm + (1-r)*Tt)."""
+        if self.num_multimodal == 0:
+            return 1.0
+        if self.num_text_docs == 0 or lm_ratio <= 0:
+            if lm_ratio > 0:
+                log.info("data.lm_ratio=%s ignored: no text corpus (data.text_corpus is empty)", lm_ratio)
+            return 0.0
+
+        def mean_len(stream: int, n: int, kind: str) -> float:
+            perm = self._perm(stream, 0, n)[: max(1, probe)]
+            sizes = []
+            for j in perm.tolist():
+                entry = ("text", -1, j) if kind == "text" else ("multimodal", int(self.mm_src[j]), int(self.mm_line[j]))
+                m = self._meta_cached(*entry)
+                if m.text_tokens > 0:
+                    sizes.append(m.text_tokens + m.tiles * self.num_image_token)
+            return float(np.mean(sizes)) if sizes else 0.0
+
+        tm, tt = mean_len(0, self.num_multimodal, "multimodal"), mean_len(1, self.num_text_docs, "text")
+        self.mean_tokens = (tm, tt)
+        if tm <= 0 or tt <= 0:
+            raise DataError(f"cannot mix text and multimodal data: the first {probe} samples of a stream are all "
+                            f"bad (mean tokens multimodal {tm}, text {tt})")
+        return lm_ratio * tm / (lm_ratio * tm + (1.0 - lm_ratio) * tt)
+
+    def _perm(self, stream: int, epoch: int, n: int) -> np.ndarray:
+        key = (stream, epoch)
+        with self._perm_lock:
+            p = self._perms.get(key)
+            if p is None:
+                p = np.random.default_rng(sample_seed(self.seed, epoch, f"order:{stream}")).permutation(n)
+                if len(self._perms) >= 8:
+                    self._perms.pop(next(iter(self._perms)))
+                self._perms[key] = p
+            return p
+
+    # ------------------------------------------------------------------ order
+
+    def is_text(self, i: int) -> bool:
+        return self._split(i)[0]
+
+    def _split(self, i: int) -> tuple[bool, int]:
+        """(is text, index within its stream) of global index ``i``."""
+        if i < 0:
+            raise IndexError(f"sample index {i} is negative")
+        before = (i * self._share_num) // _SHARE_DEN  # text slots in [0, i)
+        text = ((i + 1) * self._share_num) // _SHARE_DEN > before
+        return text, (before if text else i - before)
+
+    def locate(self, i: int) -> tuple[str, int, int]:
+        """``(kind, annotation index or -1, line position)`` of global index ``i``."""
+        text, k = self._split(i)
+        if text:
+            epoch, r = divmod(k, self.num_text_docs)
+            return "text", -1, int(self._perm(1, epoch, self.num_text_docs)[r])
+        epoch, r = divmod(k, self.num_multimodal)
+        j = int(self._perm(0, epoch, self.num_multimodal)[r])
+        return "multimodal", int(self.mm_src[j]), int(self.mm_line[j])
+
+    def epoch_of(self, i: int) -> int:
+        """Epoch of the multimodal stream (of the text stream when there is no multimodal data)."""
+        text, k = self._split(i)
+        if self.num_multimodal == 0:
+            return k // self.num_text_docs
+        return (i - (i * self._share_num) // _SHARE_DEN) // self.num_multimodal
+
+    def source(self, i: int) -> str:
+        """``file:line`` of global index ``i``."""
+        kind, a, line = self.locate(i)
+        return self._lines(kind, a).source(line)
+
+    def _lines(self, kind: str, a: int) -> LineFile:
+        if kind == "text":
+            assert self.text is not None
+            return self.text
+        return self.annotations[a].lines
+
+    # ------------------------------------------------------------------ samples
+
+    def _prepare(self, kind: str, a: int, line: int) -> _Prepared:
+        """Tokens and image headers of one record; raises BadSample. Reads no pixels."""
+        raw = self._lines(kind, a).read(line)
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadSample("malformed", f"not valid JSON: {e}") from None
+        if not isinstance(rec, dict):
+            raise BadSample("malformed", "record is not a JSON object")
+        try:
+            if kind == "text":
+                ids, labels = tokenize_text_document(rec.get("text"), self.tokenizer)
+                return _Prepared(ids, labels)
+            images = rec.get("image")
+            if images is None or images == "":
+                images = []
+            elif isinstance(images, str):
+                images = [images]
+            if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+                raise BadSample("malformed", f"'image' must be a path or a list of paths, got {images!r}")
+            _, turns = validate_conversation(rec.get("conversations"))
+            insert_missing_placeholders(turns, len(images))
+            root = self.annotations[a].root
+            paths = [os.path.join(root, p) for p in images]
+            tiles = [self.processor.num_tiles(*_image_size(p)) for p in paths]
+            ids, labels = tokenize_conversation(rec["conversations"], self.tokenizer, tiles, self.num_image_token,
+                                                self.system_prompt)
+            return _Prepared(ids, labels, paths, tiles)
+        except ConversationError as e:
+            raise BadSample(e.reason, str(e)) from None
+
+    def _entry_meta(self, kind: str, a: int, line: int) -> SampleMeta:
+        try:
+            p = self._prepare(kind, a, line)
+        except BadSample:
+            return SampleMeta(0, 0)
+        tiles = sum(p.image_tiles)
+        return SampleMeta(len(p.input_ids) - tiles * self.num_image_token, tiles)
+
+    def meta(self, i: int) -> SampleMeta:
+        """``(text_tokens, tiles)`` of global index ``i`` without decoding pixels (cached)."""
+        return self._meta_cached(*self.locate(i))
+
+    def num_tokens(self, i: int) -> int:
+        m = self.meta(i)
+        return m.text_tokens + m.tiles * self.num_image_token
+
+    def try_load(self, i: int) -> LoadResult:
+        """Load global index ``i``; a bad sample gives ``sample=None`` and its reason (not counted)."""
+        kind, a, line = self.locate(i)
+        lines = self._lines(kind, a)
+        source = lines.source(line)
+        try:
+            p = self._prepare(kind, a, line)
+            if len(p.input_ids) > self.max_sample_tokens:
+                raise BadSample("too_long", f"{len(p.input_ids)} tokens > data.max_sample_tokens="
+                                            f"{self.max_sample_tokens}")
+            pixel_values = None
+            if p.image_paths:
+                augment = kind == "multimodal" and self.annotations[a].data_augment
+                rng = sample_random(self.seed, i, "image") if augment and self.processor.jpeg_aug_prob > 0 else None
+                processor = self.processor if augment else _no_augment(self.processor)
+                chunks = [processor(_decode_image(path), rng) for path in p.image_paths]
+                for path, t, n in zip(p.image_paths, chunks, p.image_tiles):
+                    if t.shape[0] != n:
+                        raise BadSample("corrupt_image", f"{path}: {t.shape[0]} tiles decoded, header said {n}")
+                pixel_values = torch.cat(chunks)
+            sample = Sample(input_ids=torch.tensor(p.input_ids, dtype=torch.int64),
+                            labels=torch.tensor(p.labels, dtype=torch.int64), pixel_values=pixel_values,
+                            image_tiles=list(p.image_tiles), source=source, kind=kind, index=int(i))
+            return LoadResult(i, sample, source)
+        except BadSample as e:
+            return LoadResult(i, None, source, e.reason, e.message)
+
+    def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
+        """Count a skipped sample in ``stats`` (default ``self.stats``) and log it with file:line."""
+        stats = self.stats if stats is None else stats
+        stats[result.reason] = stats.get(result.reason, 0) + 1
+        log.warning("%s: skipped sample %d (%s): %s", result.source, result.index, result.reason, result.message)
+
+    def load(self, i: int) -> Optional[Sample]:
+        """The sample at global index ``i``, or None (counted in ``stats`` and logged) when it is bad."""
+        r = self.try_load(i)
+        if r.sample is None:
+            self.record_skip(r)
+        return r.sample
+
+    def __getitem__(self, i: int) -> Optional[Sample]:
+        return self.load(i)
+
+    def close(self) -> None:
+        for ann in self.annotations:
+            ann.lines.close()
+        if self.text is not None:
+            self.text.close()
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image header only."""
+    if not os.path.isfile(path):
+        raise BadSample("missing_image", f"image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except Exception as e:  # PIL raises many types for bad files
+        raise BadSample("corrupt_image", f"cannot read image header {path}: {e}") from None
+    if w <= 0 or h <= 0:
+        raise BadSample("corrupt_image", f"image {path} has size {w}x{h}")
+    return w, h
+
+
+def _decode_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise BadSample("missing_image", f"image not found: {path}") from None
+    except Exception as e:
+        raise BadSample("corrupt_image", f"cannot decode image {path}: {e}") from None
+
+
+def _no_augment(p: ImageProcessor) -> ImageProcessor:
+    return ImageProcessor(p.image_size, p.min_num, p.max_num, p.use_thumbnail, 0.0)
+
+
+def build_dataset(cfg: Any, tokenizer: Optional[Tokenizer] = None) -> InternVLDataset:
+    """``InternVLDataset(cfg.data, cfg.model, cfg.train.seed)`` for a full ``Config``."""
+    return InternVLDataset(cfg.data, cfg.model, cfg.train.seed, tokenizer)
+
+
+def build_step_loader(cfg: Any, tokenizer: Optional[Tokenizer] = None):
+    """``StepLoader`` over ``build_dataset(cfg)`` with ``cfg.train.global_batch`` samples per step;
+    ``data.num_workers`` > 0 loads with that many threads and prefetches the next step."""
+    from engine.data.loader import StepLoader
+
+    workers = int(getattr(cfg.data, "num_workers", 0))
+    return StepLoader(build_dataset(cfg, tokenizer), cfg.train.global_batch, num_workers=workers,
+                      prefetch=workers > 0)
