@@ -292,3 +292,23 @@ def test_cli_table_and_plot(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "LLM imbalance" in out and "speed-up" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiling_agrees_with_the_data_pipeline():
+    from engine.data.images import num_tiles
+
+    rng = np.random.default_rng(0)
+    w = np.concatenate([rng.integers(50, 5000, 300), 448 * rng.integers(1, 5, 100)])
+    h = np.concatenate([rng.integers(50, 5000, 300), 448 * rng.integers(1, 5, 100)])
+    for max_num in (12, 6, 4, 3, 1):
+        ours = image_tiles(w, h, max_num).tolist()
+        assert ours == [num_tiles(int(a), int(b), 1, max_num, 448, True) for a, b in zip(w, h)]
+
+
+def test_layout_from_engine_config():
+    from engine.config import load_config
+
+    cfg = load_config(None, ["parallel.llm.tp=2", "parallel.llm.pp=2", "parallel.llm.microbatches=4"])
+    lay = Layout.from_config(cfg, world=8)
+    assert (lay.llm_dp, lay.microbatches, lay.max_packed_tokens) == (2, 4, cfg.data.max_packed_tokens)
+    assert lay.num_image_token == cfg.model.num_image_token

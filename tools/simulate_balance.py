@@ -185,7 +185,7 @@ def plot(res: dict, path: str) -> None:
         bins = np.linspace(min(both), max(both), 40)
         for k, color in (("naive", "tab:red"), ("balanced", "tab:blue")):
             ax.hist(res["_loads"][k][module], bins=bins, alpha=0.6, color=color, label=k)
-        ax.set_title(f"{module.upper()} per-rank load")
+        ax.set_title(f"{'ViT' if module == 'vit' else 'LLM'} per-rank load")
         ax.set_xlabel("load / mean load")
         ax.set_ylabel("ranks x steps")
         ax.legend()

@@ -21,7 +21,8 @@ class Layout:
     ViT ranks: ``world // vit_tp`` data-parallel replicas. LLM: ``llm_dp = world // (llm_tp * llm_pp)``
     data-parallel replicas, each running ``microbatches`` microbatches of packed rows of at most
     ``max_packed_tokens`` tokens. Global ranks are ordered tp fastest, then dp, then pp (Megatron's
-    default), so ViT rank ``v`` (global ranks ``v*vit_tp ...``) lives in LLM dp group ``vit_home(v)``.
+    default), so ViT rank ``v`` (global ranks ``v*vit_tp ...``) lives in LLM dp group ``vit_home(v)``
+    (and, when ``vit_tp > llm_tp``, in all of ``vit_groups(v)``).
     """
 
     world: int
@@ -60,10 +61,10 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Any, world: int) -> "Layout":
-        """Layout from the engine config (``cfg.parallel``, ``cfg.data``) for ``world`` GPUs."""
+        """Layout from the engine config (``cfg.parallel``, ``cfg.data``, ``cfg.model``) for ``world`` GPUs."""
         llm, vit = cfg.parallel.llm, cfg.parallel.vit
         return cls(world=world, llm_tp=llm.tp, llm_pp=llm.pp, vit_tp=vit.tp, microbatches=llm.microbatches,
-                   max_packed_tokens=cfg.data.max_packed_tokens)
+                   max_packed_tokens=cfg.data.max_packed_tokens, num_image_token=cfg.model.num_image_token)
 
 
 @dataclass(frozen=True)
