@@ -63,6 +63,20 @@ def test_vit_ranks_get_floor_or_ceil_of_tiles_in_contiguous_ranges():
         assert len({s for s, _, _ in ranges}) == len(ranges)
 
 
+def test_transfers_route_every_tile_to_its_dp_rank():
+    layout = Layout(world=16, llm_tp=4, microbatches=2)
+    samples = draw_workload(64, seed=8)
+    a = balance(samples, layout)
+    where = a.locations()
+    moved = 0
+    for (v, d), ranges in a.transfers().items():
+        assert all(where[s][0] == d for s, _, _ in ranges)
+        if d not in layout.vit_groups(v):
+            moved += sum(b - e for _, e, b in ranges)
+    assert sum(b - e for ranges in a.transfers().values() for _, e, b in ranges) == sum(x.tiles for x in samples)
+    assert moved * layout.num_image_token * CostModel().exchange_bytes_per_token == a.exchange_bytes
+
+
 def test_identical_groups_need_no_exchange():
     layout = Layout(world=16, llm_tp=4, microbatches=2)  # 4 dp groups of 4 ViT ranks
     samples = [SampleShape(4, 100, (4,))] * 32

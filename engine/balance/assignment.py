@@ -67,6 +67,15 @@ class Assignment:
         """Sample indices of LLM dp rank ``dp_rank`` in microbatch, row order."""
         return [s for mb in self.llm[dp_rank] for row in mb for s in row]
 
+    def transfers(self) -> dict[tuple[int, int], list[TileRange]]:
+        """``(ViT rank, LLM dp rank) -> tile ranges`` the ViT rank encodes for that dp rank, in order."""
+        dp_of = {s: d for d, mbs in enumerate(self.llm) for mb in mbs for row in mb for s in row}
+        out: dict[tuple[int, int], list[TileRange]] = {}
+        for v, ranges in enumerate(self.vit):
+            for r in ranges:
+                out.setdefault((v, dp_of[r[0]]), []).append(r)
+        return out
+
     def locations(self) -> dict[int, tuple[int, int, int]]:
         """sample index -> (dp rank, microbatch, row)."""
         return {s: (d, m, r) for d, mbs in enumerate(self.llm) for m, rows in enumerate(mbs)
