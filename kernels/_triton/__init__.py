@@ -1,0 +1,1 @@
+"""Triton implementations; importing this package imports triton."""

@@ -1,0 +1,118 @@
+"""Ahead-of-time compile every Triton kernel for a GPU target, no GPU needed.
+
+``python -m kernels.compile_check [--arch 90]`` compiles each kernel variant the engine launches
+to a cubin with triton's bundled ptxas and reports registers and spills (via ``ptxas -v``).
+It must run with TRITON_INTERPRET unset (the interpreter replaces the compiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+
+@dataclass
+class Compiled:
+    name: str
+    registers: int
+    spill_bytes: int
+
+
+def _variants(dtype: str) -> list[tuple[str, object, dict[str, str], dict[str, object], int]]:
+    """(label, kernel, signature, constexprs, num_warps) for the configurations the host code launches."""
+    from kernels._triton import fused_loss, pixel_shuffle, rotary
+
+    out = []
+    i32 = "i32"
+    for half, hq, hk in ((64, 28, 4), (64, 64, 8), (40, 16, 16), (48, 12, 2)):
+        for inverse in (False, True):
+            sig = dict(q_ptr=f"*{dtype}", k_ptr=f"*{dtype}", qo_ptr=f"*{dtype}", ko_ptr=f"*{dtype}", pos_ptr="*fp32",
+                       turns_ptr="*fp64", T=i32, HQ=i32, HK=i32, stride_qt=i32, stride_qh=i32, stride_kt=i32,
+                       stride_kh=i32, stride_qot=i32, stride_qoh=i32, stride_kot=i32, stride_koh=i32)
+            const = dict(HALF=half, INVERSE=inverse, **rotary.rotary_config(half, hq, hk))
+            out.append((f"rotary(d={2 * half},hq={hq},hk={hk},inverse={inverse})", rotary._rotary_kernel, sig, const, 4))
+    for c in (1024, 3200):
+        block_rows, block_c = pixel_shuffle._shuffle_config(c)
+        for v2 in (True, False):
+            for backward in (False, True):
+                sig = dict(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", ROWS=i32, A2=i32, B2=i32, C=i32, stride_xn=i32,
+                           stride_xa=i32, stride_xb=i32)
+                const = dict(R=2, V2=v2, BACKWARD=backward, BLOCK_ROWS=block_rows, BLOCK_C=block_c)
+                out.append((f"pixel_shuffle(C={c},v2={v2},backward={backward})", pixel_shuffle._shuffle_kernel,
+                            sig, const, 4))
+        block_c = pixel_shuffle._ln_block_c(c)
+        sig = dict(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", mean_ptr="*fp32",
+                   rstd_ptr="*fp32", A2=i32, B2=i32, C=i32, stride_xn=i32, stride_xa=i32, stride_xb=i32, eps="fp32")
+        out.append((f"pixel_shuffle_layernorm_fwd(C={c})", pixel_shuffle._shuffle_ln_fwd_kernel, sig,
+                    dict(R=2, V2=True, HAS_BIAS=True, BLOCK_C=block_c), 4))
+        sig = dict(x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", dx_ptr=f"*{dtype}", w_ptr=f"*{dtype}", mean_ptr="*fp32",
+                   rstd_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", ROWS=i32, ROWS_PER_PROG=i32, A2=i32, B2=i32,
+                   C=i32, stride_xn=i32, stride_xa=i32, stride_xb=i32, stride_dn=i32, stride_da=i32, stride_db=i32)
+        out.append((f"pixel_shuffle_layernorm_bwd(C={c})", pixel_shuffle._shuffle_ln_bwd_kernel, sig,
+                    dict(R=2, V2=True, BLOCK_C=block_c), 4))
+    block_v = fused_loss._block_v(151674)
+    for has_lse, grad in ((False, True), (False, False), (True, True)):
+        sig = dict(logits_ptr=f"*{dtype}", stride_row=i32, labels_ptr="*i64", weights_ptr="*fp32", lse_ptr="*fp32",
+                   loss_ptr="*fp32", VOCAB_START=i32, VALID=i32, V_LOCAL=i32, ignore_index=i32)
+        out.append((f"cross_entropy(has_lse={has_lse},grad={grad})", fused_loss._ce_kernel, sig,
+                    dict(HAS_LSE=has_lse, COMPUTE_GRAD=grad, BLOCK_V=block_v), 8))
+    sig = dict(logits_ptr=f"*{dtype}", stride_row=i32, labels_ptr="*i64", m_ptr="*fp32", s_ptr="*fp32",
+               tgt_ptr="*fp32", VOCAB_START=i32, VALID=i32, ignore_index=i32)
+    out.append(("cross_entropy_stats", fused_loss._ce_stats_kernel, sig, dict(BLOCK_V=block_v), 8))
+    return out
+
+
+def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch).path
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src,
+                              "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
+    return int(regs.group(1)) if regs else -1, sum(int(s) for s in spills)
+
+
+def compile_all(arch: int = 90, dtype: str = "bf16") -> list[Compiled]:
+    """Compile every variant for ``sm_<arch>``; raises on the first compile error."""
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("kernels.compile_check needs TRITON_INTERPRET unset")
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    for label, kernel, sig, const, warps in _variants(dtype):
+        sig = {**sig, **{k: "constexpr" for k in const}}
+        compiled = triton.compile(ASTSource(kernel, sig, const), target=target, options=dict(num_warps=warps))
+        regs, spills = _ptxas_usage(compiled.asm["ptx"], arch)
+        results.append(Compiled(label, regs, spills))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", type=int, default=90)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    args = p.parse_args(argv)
+    results = compile_all(args.arch, args.dtype)
+    for r in results:
+        print(f"{r.name:60s} registers {r.registers:4d}  spill bytes {r.spill_bytes}")
+    print(f"compiled {len(results)} kernel variants for sm_{args.arch} ({args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
