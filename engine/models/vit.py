@@ -117,8 +117,10 @@ class InternViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        n = cfg.num_layers + 1 + select_layer if select_layer < 0 else select_layer + 1
-        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(n))  # layers after select_layer are unused
+        # select_layer indexes hidden states as InternVL and transformers do: 0 = embeddings,
+        # k = output of layer k, -1 = output of the last layer. Layers after it are unused.
+        n = cfg.num_layers + 1 + select_layer if select_layer < 0 else select_layer
+        self.layers = nn.ModuleList(VisionLayer(cfg) for _ in range(n))
         self.activation_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
