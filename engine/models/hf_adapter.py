@@ -19,7 +19,6 @@ Formats:
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import warnings
@@ -749,6 +748,8 @@ def load_pretrained(path: str, dtype: Union[None, str, torch.dtype] = None, stri
             if engine_name not in expected:
                 info.unexpected.append(name if len(targets) == 1 else f"{name} -> {engine_name}")
                 continue
+            if engine_name in loaded:
+                raise ValueError(f"{name} gives {engine_name} a second time (the checkpoint holds it under two names)")
             part = cut(tensor)
             if part.shape != expected[engine_name]:
                 raise ValueError(f"shape mismatch for {name}" + (f" (-> {engine_name})" if engine_name != name else "")
