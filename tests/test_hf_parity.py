@@ -231,6 +231,17 @@ def test_internvl_chat_checkpoint_logits_match(tmp_path, flavour, ps_version):
         assert (v2 - ref).abs().max().item() > 100 * TOL  # the shuffle order matters on these inputs
 
 
+@pytest.mark.parametrize("preset", ["internvl3-1b", "internvl3-8b", "internvl3-38b", "internvl3-78b", "tiny"])
+def test_config_conversion_round_trips_for_presets(preset):
+    cfg = preset_model_config(preset)
+    hf = InternVLConfig(**A.engine_config_to_hf(cfg))  # transformers accepts and normalises it
+    assert A.hf_config_to_engine(hf.to_dict()) == cfg
+    assert hf.vision_config.use_qk_norm == cfg.vision.qk_normalization
+    assert hf.text_config.rope_parameters["rope_theta"] == cfg.llm.rope_theta
+    assert hf.tie_word_embeddings is False and hf.image_seq_length == cfg.num_image_token
+    assert A.chat_config_to_engine(A.engine_config_to_chat(cfg)) == cfg
+
+
 def test_chat_defaults_and_refusals():
     hf = hf_model("300m")
     d = chat_config(hf, "v2")
