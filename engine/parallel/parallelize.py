@@ -1,0 +1,274 @@
+"""Apply tensor, sequence and head parallelism to the single-process InternVL model.
+
+Every rank builds the same full model from the same seed; ``parallelize_*`` swaps its modules
+for sharded ones in place, keeping parameter names, so names and ``gather_full_state_dict``
+line up with the single-process model.
+
+Gradient contract (per parameter, ``param.shard_info.grad_sum``): after backward each rank holds
+its shard's gradient, complete except over the named group of the parameter's grid, over which
+it must be summed (``reduce_model_parallel_grads``); data parallelism then sums over dp (the
+"dp_hp" group can fuse an "hp" sum with it).
+- sharded over tp: complete over tp (kv heads replicated over tp ranks are summed in backward);
+- replicated over tp: complete over tp without sequence parallelism, partial with it;
+- everything in a head-parallel model: partial over hp (each rank sees its tokens only);
+- projector: complete (it runs on the gathered ViT features on every rank).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from engine.config import Config, ConfigError, validate_parallel
+from engine.data.batch import PackedBatch
+from engine.models.internvl import InternVLModel, LossFn, reference_linear_loss
+from engine.models.llm import QwenLM
+from engine.models.vit import InternViT
+from engine.parallel.mappings import (Group, all_reduce_stat, group_size, reduce_from_region,
+                                      reduce_scatter_to_sequence, scatter_to_sequence)
+from engine.parallel.tensor_parallel import (ColumnParallelLinear, RegionEntry, RowParallelLinear, ShardInfo,
+                                             VocabParallelEmbedding, VocabParallelLoss, gather_full, make_param,
+                                             padded_vocab, shard_info, tag)
+from engine.parallel.topology import Grid, Topology
+from engine.parallel.ulysses import (LocalTokens, TileGather, TilePadding, TileSplit, UlyssesAttention, _local,
+                                     shard_batch)
+
+
+def check_layout(cfg: Config, world: Optional[int] = None) -> None:
+    """Config rules plus those of this layout; raises ConfigError naming the keys."""
+    validate_parallel(cfg, world)
+    v, vt = cfg.model.vision, cfg.parallel.vit.tp
+    if vt > v.num_heads:
+        raise ConfigError(f"parallel.vit.tp={vt} exceeds model.vision.num_heads={v.num_heads}")
+
+
+def _grad_sum(hp: bool, tp: bool) -> Optional[str]:
+    return {(True, True): "tp_hp", (True, False): "hp", (False, True): "tp"}.get((hp, tp))
+
+
+def _tag_rest(module: nn.Module, info: ShardInfo) -> None:
+    for p in module.parameters():
+        if not hasattr(p, "shard_info"):
+            tag(p, info)
+
+
+@dataclass
+class LLMLayout:
+    grid: Grid
+    sp: bool
+    loss_fn: LossFn
+    img_context_id: int
+
+    @property
+    def tp_group(self) -> Group:
+        return self.grid.group("tp")
+
+    @property
+    def hp_group(self) -> Group:
+        return self.grid.group("hp")
+
+    @property
+    def token_multiple(self) -> int:
+        """Packed sequences must be padded to a multiple of this (``pad_to_multiple``)."""
+        return self.grid.size("hp") * (self.grid.size("tp") if self.sp else 1)
+
+
+@dataclass
+class ViTLayout:
+    grid: Grid
+    sp: bool
+    padding: TilePadding
+
+
+@dataclass
+class ModelLayout:
+    topology: Topology
+    llm: LLMLayout
+    vit: ViTLayout
+
+
+def parallelize_llm(lm: QwenLM, grid: Grid, cfg: Config, vocab_multiple: int = 1) -> tuple[QwenLM, LLMLayout]:
+    """Shard a (pipeline stage of a) ``QwenLM`` over ``grid``'s tp and hp groups. The embedding and
+    LM head, when present, are split over the vocabulary padded to ``tp * vocab_multiple``."""
+    c, tp, hp = lm.cfg, grid.size("tp"), grid.size("hp")
+    tpg, hpg = grid.group("tp"), grid.group("hp")
+    sp = cfg.parallel.llm.sp and tp > 1
+    sharded, replicated = _grad_sum(hp > 1, False), _grad_sum(hp > 1, sp)
+
+    def info(dim: Optional[int], full: int = 0, padded: int = 0, replicas: int = 1) -> ShardInfo:
+        return ShardInfo("llm", dim, full, padded or full, replicas, sharded if dim is not None else replicated)
+
+    q_size, kv_size, ffn = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    kv_replicas = max(1, tp // c.num_kv_heads)
+    for layer in lm.layers:
+        a, m = layer.self_attn, layer.mlp
+        if tp > 1:
+            a.q_proj = ColumnParallelLinear(a.q_proj, info(0, q_size), tpg)
+            a.k_proj = ColumnParallelLinear(a.k_proj, info(0, kv_size, replicas=kv_replicas), tpg)
+            a.v_proj = ColumnParallelLinear(a.v_proj, info(0, kv_size, replicas=kv_replicas), tpg)
+            a.o_proj = RowParallelLinear(a.o_proj, info(1, q_size), info(None), tpg, sp)
+            m.gate_proj = ColumnParallelLinear(m.gate_proj, info(0, ffn), tpg)
+            m.up_proj = ColumnParallelLinear(m.up_proj, info(0, ffn), tpg)
+            m.down_proj = RowParallelLinear(m.down_proj, info(1, ffn), info(None), tpg, sp)
+            layer.input_layernorm.register_forward_hook(RegionEntry(tpg, sp))
+            layer.post_attention_layernorm.register_forward_hook(RegionEntry(tpg, sp))
+        if hp > 1:
+            a.core = UlyssesAttention(a.core, hpg)
+    loss_fn: LossFn = reference_linear_loss
+    if tp > 1:
+        vocab = padded_vocab(c.vocab_size, tp, vocab_multiple)
+        if lm.embed_tokens is not None:
+            lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, info(0, c.vocab_size, vocab), tpg)
+        if lm.norm is not None:
+            lm.norm.register_forward_hook(RegionEntry(tpg, sp))
+        if lm.lm_head is not None:
+            head_info = info(0, c.vocab_size, vocab)
+            lm.lm_head = ColumnParallelLinear(lm.lm_head, head_info, tpg)
+            start = head_info.local_range(grid.local_rank("tp"), tp)[0]
+            loss_fn = VocabParallelLoss(start, c.vocab_size, tpg)
+    _tag_rest(lm, info(None))
+    return lm, LLMLayout(grid, sp, loss_fn, cfg.model.img_context_token_id)
+
+
+def parallelize_vit(vit: InternViT, grid: Grid, cfg: Config) -> tuple[InternViT, ViTLayout]:
+    """Shard ``InternViT`` over ``grid``: heads padded with zero heads to a multiple of tp, the
+    full-width qk-norm reducing its statistics over tp, tile tokens split over hp (and tp with
+    sequence parallelism). ``vit(pixel_values)`` keeps its signature and full output."""
+    c, tp, hp = vit.cfg, grid.size("tp"), grid.size("hp")
+    tpg, hpg = grid.group("tp"), grid.group("hp")
+    sp = cfg.parallel.vit.sp and tp > 1
+    sharded, replicated = _grad_sum(hp > 1, False), _grad_sum(hp > 1, sp)
+
+    def info(dim: Optional[int], full: int = 0, padded: int = 0) -> ShardInfo:
+        return ShardInfo("vit", dim, full, padded or full, 1, sharded if dim is not None else replicated)
+
+    C, ffn = c.hidden_size, c.intermediate_size
+    C_pad = -(-c.num_heads // tp) * tp * c.head_dim
+    padding = TilePadding()
+    for layer in vit.layers:
+        a, m = layer.attn, layer.mlp
+        if tp > 1:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                setattr(a, name, ColumnParallelLinear(getattr(a, name), info(0, C, C_pad), tpg))
+            if a.qk_normalization:
+                for norm in (a.q_norm, a.k_norm):  # full_dim stays the real hidden size
+                    norm.weight = make_param(norm.weight, info(0, C, C_pad), tpg)
+                    norm.stat_reduce = functools.partial(all_reduce_stat, group=tpg)
+            a.proj = RowParallelLinear(a.proj, info(1, C, C_pad), info(None), tpg, sp)
+            m.fc1 = ColumnParallelLinear(m.fc1, info(0, ffn), tpg)
+            m.fc2 = RowParallelLinear(m.fc2, info(1, ffn), info(None), tpg, sp)
+            layer.norm1.register_forward_hook(RegionEntry(tpg, sp))
+            layer.norm2.register_forward_hook(RegionEntry(tpg, sp))
+        if hp > 1 or sp:
+            a.core = UlyssesAttention(a.core, hpg, padding)
+    if hp > 1 or sp:
+        split = TileSplit(hpg, tpg if sp else None, padding)
+        vit.embeddings.register_forward_hook(split)
+        vit.register_forward_hook(TileGather(split))
+    _tag_rest(vit, info(None))
+    return vit, ViTLayout(grid, sp, padding)
+
+
+def parallelize_model(model: InternVLModel, topology: Topology, cfg: Config,
+                      vocab_multiple: int = 1) -> tuple[InternVLModel, ModelLayout]:
+    """Both grids' layouts on a full model; the projector stays replicated (it is well under 1%
+    of the ViT's FLOPs, and a replicated projector keeps the ViT->LLM hand-over free of
+    collectives). Sets ``model.loss_fn`` to the vocab-parallel loss."""
+    check_layout(cfg, topology.world)
+    model.vision_model, vit = parallelize_vit(model.vision_model, topology.vit, cfg)
+    model.language_model, llm = parallelize_llm(model.language_model, topology.llm, cfg, vocab_multiple)
+    _tag_rest(model.projector, ShardInfo("vit"))
+    model.loss_fn = llm.loss_fn
+    return model, ModelLayout(topology, llm, vit)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def embed_tokens(lm: QwenLM, layout: LLMLayout, tokens: LocalTokens,
+                 image_embeds: Optional[torch.Tensor]) -> torch.Tensor:
+    """First pipeline stage: local token embeddings (sequence-split with sp) with the image
+    features ``[tiles, tokens, H]`` (the same on every rank) written over ``<IMG_CONTEXT>``. The
+    gradient of ``image_embeds`` comes out complete on every rank."""
+    emb, tpg, hpg = lm.embed_tokens, layout.tp_group, layout.hp_group
+    h = emb.partial(tokens.input_ids) if isinstance(emb, VocabParallelEmbedding) else emb(tokens.input_ids)
+    h = reduce_scatter_to_sequence(h, tpg) if layout.sp else reduce_from_region(h, tpg)
+    mask = tokens.image_mask
+    n_ctx = int(mask.sum())
+    n_feat = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+    if n_ctx != n_feat:
+        raise ValueError(f"the batch has {n_ctx} <IMG_CONTEXT> tokens (id {layout.img_context_id}) but "
+                         f"{n_feat} image features")
+    if n_feat == 0:
+        return h
+    feats = image_embeds.reshape(-1, image_embeds.shape[-1]).to(h.dtype)
+    full = h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), feats)
+    full, mask = scatter_to_sequence(full, hpg), _local(mask, hpg)
+    if layout.sp:
+        full, mask = scatter_to_sequence(full, tpg), _local(mask, tpg)
+    return torch.where(mask.unsqueeze(-1), full, h)
+
+
+def loss_terms(lm: QwenLM, layout: LLMLayout, h: torch.Tensor, tokens: LocalTokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last pipeline stage: final norm, vocab-parallel LM head and loss; ``(sum(w*ce), sum(w))``
+    of the whole batch, the same on every rank of the tp and hp groups."""
+    h = lm.norm(h)
+    ce, w = layout.loss_fn(h.reshape(-1, h.shape[-1]), lm.lm_head.weight, tokens.targets.reshape(-1),
+                           tokens.loss_weights.reshape(-1))
+    return reduce_from_region(ce, layout.hp_group), reduce_from_region(w.detach(), layout.hp_group)
+
+
+def shard_tokens(batch: PackedBatch, layout: LLMLayout) -> LocalTokens:
+    return shard_batch(batch, layout.hp_group, layout.tp_group if layout.sp else None, layout.img_context_id)
+
+
+def parallel_loss_terms(model: InternVLModel, layout: ModelLayout, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``InternVLModel.loss_terms`` computes, under the layout. Every rank of the LLM's and
+    the ViT's tp x hp groups must be given the same batch; the ViT runs on all its tiles."""
+    feats = None
+    if batch.pixel_values is not None and batch.pixel_values.shape[0] > 0:
+        feats = model.extract_feature(batch.pixel_values)
+    lm = model.language_model
+    tokens = shard_tokens(batch, layout.llm)
+    h = embed_tokens(lm, layout.llm, tokens, feats)
+    h = lm.forward_layers(h, tokens.context)
+    return loss_terms(lm, layout.llm, h, tokens)
+
+
+# ----------------------------------------------------------------------------- gradients, state
+
+
+def _grid(topology: Topology, info: ShardInfo) -> Grid:
+    return topology.llm if info.grid == "llm" else topology.vit
+
+
+def reduce_model_parallel_grads(model: nn.Module, topology: Topology, skip: tuple[str, ...] = ()) -> None:
+    """Sum partial gradients in place over each parameter's ``grad_sum`` group, except groups
+    listed in ``skip`` (left to the data-parallel reducer). Same parameter order on all ranks."""
+    for p in model.parameters():
+        info = shard_info(p)
+        group = _grid(topology, info).group(info.grad_sum) if info.grad_sum and info.grad_sum not in skip else None
+        if group is not None and p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            torch.distributed.all_reduce(p.grad, group=group)
+
+
+def gather_full_state_dict(model: nn.Module, topology: Topology, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Full single-process tensors (padding stripped, replicas dropped) of every parameter, or of
+    their gradients summed over ``grad_sum`` (without changing ``.grad``). Collective over tp/hp."""
+    out = {}
+    for name, p in model.named_parameters():
+        info = shard_info(p)
+        grid = _grid(topology, info)
+        t = p.detach()
+        if grads:
+            t = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(t)
+            if info.grad_sum and group_size(grid.group(info.grad_sum)) > 1:
+                torch.distributed.all_reduce(t, group=grid.group(info.grad_sum))
+        out[name] = gather_full(t, info, grid.group("tp"))
+    return out

@@ -1,0 +1,95 @@
+"""Run a function in N gloo processes from pytest.
+
+``run_distributed(fn, world_size, *args, timeout=...)`` spawns one process per rank, calls
+``fn(rank, world_size, *args)`` after ``init_process_group("gloo")`` and returns the ranks'
+return values in rank order. A rank that raises makes the call raise ``DistributedError`` with
+the rank and its traceback; a run that exceeds ``timeout`` seconds is killed and raises
+``TimeoutError``. ``fn`` must be a module-level function; return values are pickled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+class DistributedError(RuntimeError):
+    """A rank of a ``run_distributed`` call raised."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, timeout: float, fn: Callable, args: tuple, results) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout))
+        out = fn(rank, world, *args)
+        results.put((rank, True, pickle.dumps(out)))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _stop(procs: list) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    for p in procs:
+        p.join(5)
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout, fn, args, results), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    done: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while len(done) < world_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                missing = sorted(set(range(world_size)) - set(done))
+                raise TimeoutError(f"ranks {missing} of {world_size} did not finish within {timeout:.0f} s")
+            try:
+                rank, ok, payload = results.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode is not None]
+                if dead:
+                    try:  # a result may still be in flight from a rank that just exited
+                        rank, ok, payload = results.get(timeout=2.0)
+                    except queue.Empty:
+                        raise DistributedError(f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} "
+                                               "without a result") from None
+                else:
+                    continue
+            if not ok:
+                raise DistributedError(f"rank {rank} of {world_size} failed:\n{payload}")
+            done[rank] = pickle.loads(payload)
+        for p in procs:  # let finished ranks tear down their process group
+            p.join(10)
+    finally:
+        _stop(procs)
+    return [done[r] for r in range(world_size)]
