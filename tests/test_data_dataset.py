@@ -122,7 +122,7 @@ def test_determinism_independent_of_order(synth, tok):
     cfg = dcfg(synth, jpeg_aug_prob=1.0)
     a = InternVLDataset(cfg, MODEL, seed=7, tokenizer=tok)
     b = InternVLDataset(cfg, MODEL, seed=7, tokenizer=tok)
-    idx = list(range(24))
+    idx = list(range(16))
     first = [a.load(i) for i in idx]
     second = {i: b.load(i) for i in reversed(idx)}
     again = a.load(5)
@@ -130,8 +130,9 @@ def test_determinism_independent_of_order(synth, tok):
     assert same_sample(again, first[5])
     plain = InternVLDataset(dcfg(synth), MODEL, seed=7, tokenizer=tok)
     mm = [i for i in idx if first[i].pixel_values is not None]
-    assert mm and all(plain.load(i).source == first[i].source for i in mm)
-    assert any(not torch.equal(plain.load(i).pixel_values, first[i].pixel_values) for i in mm)  # JPEG applied
+    unaugmented = {i: plain.load(i) for i in mm[:4]}
+    assert mm and all(unaugmented[i].source == first[i].source for i in unaugmented)
+    assert any(not torch.equal(unaugmented[i].pixel_values, first[i].pixel_values) for i in unaugmented)  # JPEG
     other = InternVLDataset(cfg, MODEL, seed=8, tokenizer=tok)
     assert [other.source(i) for i in idx] != [a.source(i) for i in idx]
 

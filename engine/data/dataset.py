@@ -397,11 +397,11 @@ class InternVLDataset:
                 augment = kind == "multimodal" and self.annotations[a].data_augment
                 rng = sample_random(self.seed, i, "image") if augment and self.processor.jpeg_aug_prob > 0 else None
                 processor = self.processor if augment else _no_augment(self.processor)
-                chunks = [processor(_decode_image(path), rng) for path in p.image_paths]
+                chunks = [processor.tiles(_decode_image(path), rng) for path in p.image_paths]
                 for path, t, n in zip(p.image_paths, chunks, p.image_tiles):
                     if t.shape[0] != n:
                         raise BadSample("corrupt_image", f"{path}: {t.shape[0]} tiles decoded, header said {n}")
-                pixel_values = torch.cat(chunks)
+                pixel_values = torch.from_numpy(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
             sample = Sample(input_ids=torch.tensor(p.input_ids, dtype=torch.int64),
                             labels=torch.tensor(p.labels, dtype=torch.int64), pixel_values=pixel_values,
                             image_tiles=list(p.image_tiles), source=source, kind=kind, index=int(i))

@@ -18,7 +18,9 @@ from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-JPEG_QUALITIES = (75, 100)  # inclusive range of the augmentation's JPEG quality
+JPEG_QUALITIES = (75, 100)
+_MEAN = np.asarray(IMAGENET_MEAN, dtype=np.float32)
+_STD = np.asarray(IMAGENET_STD, dtype=np.float32)  # inclusive range of the augmentation's JPEG quality
 
 
 def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
@@ -84,14 +86,17 @@ def jpeg_degrade(image: Image.Image, quality: int) -> Image.Image:
         return out.convert("RGB")
 
 
-def normalize_tile(image: Image.Image, image_size: int) -> torch.Tensor:
-    """``[3, S, S]`` float32: bicubic resize to ``S``, scale to [0, 1], ImageNet mean/std."""
+def normalize_array(image: Image.Image, image_size: int) -> np.ndarray:
+    """``[3, S, S]`` float32 array: bicubic resize to ``S``, scale to [0, 1], ImageNet mean/std."""
     if image.size != (image_size, image_size):
         image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
-    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    x = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255.0)
+    return ((x - _MEAN) / _STD).transpose(2, 0, 1)
+
+
+def normalize_tile(image: Image.Image, image_size: int) -> torch.Tensor:
+    """``normalize_array`` as a contiguous tensor."""
+    return torch.from_numpy(np.ascontiguousarray(normalize_array(image, image_size)))
 
 
 @dataclass
@@ -107,17 +112,21 @@ class ImageProcessor:
     def num_tiles(self, width: int, height: int) -> int:
         return num_tiles(width, height, self.min_num, self.max_num, self.image_size, self.use_thumbnail)
 
-    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
-        """Tile and normalise ``image``; each tile is JPEG-degraded with probability
-        ``jpeg_aug_prob`` at a quality drawn from ``rng`` (required when the probability is > 0)."""
+    def tiles(self, image: Image.Image, rng: random.Random | None = None) -> np.ndarray:
+        """Tile and normalise ``image`` to a ``[tiles, 3, S, S]`` float32 array; each tile is
+        JPEG-degraded with probability ``jpeg_aug_prob`` at a quality drawn from ``rng`` (required
+        when the probability is > 0)."""
         tiles = dynamic_preprocess(image.convert("RGB"), self.min_num, self.max_num, self.image_size,
                                    self.use_thumbnail)
-        out = []
-        for tile in tiles:
-            if self.jpeg_aug_prob > 0:
-                if rng is None:
-                    raise ValueError("JPEG augmentation needs a random generator")
-                if rng.random() < self.jpeg_aug_prob:
-                    tile = jpeg_degrade(tile, rng.randint(*JPEG_QUALITIES))
-            out.append(normalize_tile(tile, self.image_size))
-        return torch.stack(out)
+        if self.jpeg_aug_prob > 0 and rng is None:
+            raise ValueError("JPEG augmentation needs a random generator")
+        out = np.empty((len(tiles), 3, self.image_size, self.image_size), dtype=np.float32)
+        for k, tile in enumerate(tiles):
+            if self.jpeg_aug_prob > 0 and rng.random() < self.jpeg_aug_prob:
+                tile = jpeg_degrade(tile, rng.randint(*JPEG_QUALITIES))
+            out[k] = normalize_array(tile, self.image_size)
+        return out
+
+    def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+        """``tiles`` as a float32 tensor ``[tiles, 3, S, S]``."""
+        return torch.from_numpy(self.tiles(image, rng))

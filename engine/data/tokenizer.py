@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from typing import Callable, Sequence
 
 SPECIAL_TOKENS: dict[str, str] = {
@@ -114,7 +115,13 @@ def _load_transformers(path: str) -> Tokenizer:
             raise TokenizerError(f"tokenizer {path}: special token {s!r} is not in the vocabulary")
         specials[s] = int(vocab[s])
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else specials[SPECIAL_TOKENS["eos"]]
-    return Tokenizer(path, lambda s: list(tok.encode(s, add_special_tokens=False)),
+    lock = threading.Lock()  # a fast tokenizer must not be entered by two threads at once
+
+    def encode_plain(text: str) -> list[int]:
+        with lock:
+            return list(tok.encode(text, add_special_tokens=False))
+
+    return Tokenizer(path, encode_plain,
                      lambda ids: tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False),
                      len(tok), specials, int(pad_id))
 
