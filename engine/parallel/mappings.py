@@ -40,7 +40,8 @@ def group_rank(group: Group) -> int:
 # ----------------------------------------------------------------------------- raw collectives
 
 
-def _all_reduce(x: torch.Tensor, group: Group) -> torch.Tensor:
+def all_reduce_sum(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum over the group, outside autograd (a new tensor)."""
     y = x.contiguous().clone()
     dist.all_reduce(y, group=group)
     return y
@@ -98,13 +99,13 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        return _all_reduce(g, ctx.group), None
+        return all_reduce_sum(g, ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return _all_reduce(x, group)
+        return all_reduce_sum(x, group)
 
     @staticmethod
     def backward(ctx, g):
@@ -184,13 +185,13 @@ class _AllReduceStat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return _all_reduce(x, group)
+        return all_reduce_sum(x, group)
 
     @staticmethod
     def backward(ctx, g):
         # Every rank's output is the global sum, so d(sum of all ranks' losses)/d(local term)
         # is the sum of the upstream gradients of all ranks.
-        return _all_reduce(g, ctx.group), None
+        return all_reduce_sum(g, ctx.group), None
 
 
 # ----------------------------------------------------------------------------- public functions

@@ -34,7 +34,7 @@ from engine.parallel.tensor_parallel import (ColumnParallelLinear, RegionEntry, 
                                              VocabParallelEmbedding, VocabParallelLoss, gather_full, make_param,
                                              padded_vocab, shard_info, tag)
 from engine.parallel.topology import Grid, Topology
-from engine.parallel.ulysses import (LocalTokens, TileGather, TilePadding, TileSplit, UlyssesAttention, _local,
+from engine.parallel.ulysses import (LocalTokens, TileGather, TilePadding, TileSplit, UlyssesAttention, local_slice,
                                      shard_batch)
 
 
@@ -177,12 +177,16 @@ def parallelize_model(model: InternVLModel, topology: Topology, cfg: Config,
                       vocab_multiple: int = 1) -> tuple[InternVLModel, ModelLayout]:
     """Both grids' layouts on a full model; the projector stays replicated (it is well under 1%
     of the ViT's FLOPs, and a replicated projector keeps the ViT->LLM hand-over free of
-    collectives). Sets ``model.loss_fn`` to the vocab-parallel loss."""
+    collectives). With llm tp > 1 ``model.loss_fn`` becomes the vocab-parallel loss; otherwise
+    the model's own ``loss_fn`` (e.g. a fused kernel) is kept and used by the layout."""
     check_layout(cfg, topology.world)
     model.vision_model, vit = parallelize_vit(model.vision_model, topology.vit, cfg)
     model.language_model, llm = parallelize_llm(model.language_model, topology.llm, cfg, vocab_multiple)
     _tag_rest(model.projector, ShardInfo("vit"))
-    model.loss_fn = llm.loss_fn
+    if topology.llm.size("tp") > 1:
+        model.loss_fn = llm.loss_fn
+    else:
+        llm.loss_fn = model.loss_fn
     return model, ModelLayout(topology, llm, vit)
 
 
@@ -207,9 +211,9 @@ def embed_tokens(lm: QwenLM, layout: LLMLayout, tokens: LocalTokens,
         return h
     feats = image_embeds.reshape(-1, image_embeds.shape[-1]).to(h.dtype)
     full = h.new_zeros(*mask.shape, h.shape[-1]).masked_scatter(mask.unsqueeze(-1), feats)
-    full, mask = scatter_to_sequence(full, hpg), _local(mask, hpg)
+    full, mask = scatter_to_sequence(full, hpg), local_slice(mask, hpg)
     if layout.sp:
-        full, mask = scatter_to_sequence(full, tpg), _local(mask, tpg)
+        full, mask = scatter_to_sequence(full, tpg), local_slice(mask, tpg)
     return torch.where(mask.unsqueeze(-1), full, h)
 
 

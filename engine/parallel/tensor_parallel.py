@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.data.batch import IGNORE_INDEX
-from engine.parallel.mappings import (Group, _all_reduce, copy_to_region, gather_from_sequence, group_rank,
+from engine.parallel.mappings import (Group, all_reduce_sum, copy_to_region, gather_from_sequence, group_rank,
                                       group_size, reduce_from_region, reduce_scatter_to_sequence)
 
 
@@ -82,9 +82,9 @@ def make_param(full: torch.Tensor, info: ShardInfo, tp_group: Group) -> nn.Param
     if info.dim is not None and info.padded > info.full:
         a, b = info.local_range(tp_rank, tp)
         keep = (torch.arange(a, b) < info.full).to(p.dtype)
-        if not bool(keep.all()):
+        if p.requires_grad and not bool(keep.all()):
             keep = keep.view([-1] + [1] * (p.dim() - 1 - info.dim))
-            p.register_hook(lambda g, keep=keep: g * keep.to(g.dtype))
+            p.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))
     return p
 
 
@@ -110,7 +110,7 @@ class _ReplicaGradSum(torch.autograd.Function):
         slot = group_rank(ctx.group) // ctx.replicas
         stack = g.new_zeros((group_size(ctx.group) // ctx.replicas,) + g.shape)
         stack[slot] = g
-        return _all_reduce(stack, ctx.group)[slot], None, None
+        return all_reduce_sum(stack, ctx.group)[slot], None, None
 
 
 class RegionEntry:
@@ -212,12 +212,12 @@ class _VocabParallelCE(torch.autograd.Function):
         torch.distributed.all_reduce(lmax, op=torch.distributed.ReduceOp.MAX, group=group)
         logits -= lmax.unsqueeze(-1)
         exp = logits.exp()
-        sum_exp = _all_reduce(exp.sum(-1), group)
+        sum_exp = all_reduce_sum(exp.sum(-1), group)
         local_t = targets - vocab_start
         owned = (local_t >= 0) & (local_t < n_local)
         local_t = local_t.clamp(0, n_local - 1)
         target_logit = logits.gather(1, local_t.unsqueeze(1)).squeeze(1) * owned
-        target_logit = _all_reduce(target_logit, group)
+        target_logit = all_reduce_sum(target_logit, group)
         exp /= sum_exp.unsqueeze(-1)
         ctx.save_for_backward(exp, local_t, owned)
         return sum_exp.log() - target_logit

@@ -130,7 +130,8 @@ class LocalTokens:
     image_mask: torch.Tensor  # [B, S] True at <IMG_CONTEXT> (all tokens: features are placed by it)
 
 
-def _local(x: torch.Tensor, group: Group) -> torch.Tensor:
+def local_slice(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """This rank's slice of dim 1 (no autograd mapping: for ids, masks and targets)."""
     return x.chunk(group_size(group), 1)[group_rank(group)]
 
 
@@ -144,11 +145,11 @@ def shard_batch(batch: PackedBatch, hp_group: Group, sp_group: Group, img_contex
                          f"parallelism); pack with pad_to_multiple={multiple}")
     device = batch.input_ids.device
     mask = block_mask(batch.cu_seqlens, B, S, True, device)
-    positions = _local(batch.position_ids.to(device, torch.float32), hp_group)
+    positions = local_slice(batch.position_ids.to(device, torch.float32), hp_group)
     return LocalTokens(
-        input_ids=_local(batch.input_ids, hp_group),
-        targets=_local(batch.targets, hp_group),
-        loss_weights=_local(batch.loss_weights, hp_group),
+        input_ids=local_slice(batch.input_ids, hp_group),
+        targets=local_slice(batch.targets, hp_group),
+        loss_weights=local_slice(batch.loss_weights, hp_group),
         context=SequenceContext(positions, batch.cu_seqlens, mask),
         image_mask=batch.input_ids == img_context_id,
     )
