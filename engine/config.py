@@ -113,6 +113,7 @@ class DataConfig:
     v2pe_random_delta: bool = False  # draw delta per image from {1/256 .. 1} when training
     v2pe_delta: float = 1.0  # fixed delta when not random
     num_workers: int = 0
+    system_prompt: Optional[str] = None  # None: InternVL's internvl2_5 system prompt
     synthetic: bool = True  # `make train` generates the synthetic set if absent
 
 

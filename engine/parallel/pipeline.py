@@ -1,4 +1,4 @@
-"""Pipeline parallelism for the LLM: layer partition, stage modules, 1F1B and interleaved schedules.
+"""Pipeline parallelism for the LLM: layer partition, 1F1B and interleaved schedules, their executor.
 
 Virtual stage ``vs = chunk * pp + rank``: with ``vpp`` chunks per rank, rank ``r`` holds virtual
 stages ``r, r + pp, r + 2 pp, ...`` (interleaved assignment). A schedule is a per-rank *program* of
@@ -7,16 +7,17 @@ ordering and its message matching can be checked offline; ``PipelineExecutor`` r
 
 Communication. Each ``Comm`` posts all its sends and receives at once (``batch_isend_irecv``) and
 waits for all of them, in lockstep with the neighbours (the ordering of Megatron's schedules).
-Every message carries a tag unique within the step (direction, receiving virtual stage,
-microbatch), so gloo matches a receive to its send even when two messages travel between the
-same pair of ranks (``pp = 2`` with virtual stages: activations wrap around from the last rank to
-the first while gradients flow back). Inside one ``Comm`` the ops are sorted activations first,
-gradients second, so backends that ignore tags see the same order on both sides. Shapes differ
-per microbatch; the receiver knows them without a handshake because every rank of a pipeline
-packs the same microbatches (``StageFunctions.recv_shape``).
+Every message has a tag unique within the step (direction, receiving virtual stage, microbatch),
+so gloo matches each receive to its send even when two messages travel between the same ranks
+(``pp = 2`` with virtual stages: activations wrap around to rank 0 while gradients flow back).
+Inside a ``Comm`` ops are sorted activations first, so per pair of ranks sends and receives are
+posted in the same order (checked offline) for backends that ignore tags. Shapes differ per
+microbatch; receivers know them without a handshake since every rank of a pipeline packs the
+same microbatches (``StageFunctions.recv_shape``).
 
 Megatron-core's pipeline schedules assume CUDA tensors and its global parallel state, so the
-schedules are written here over an explicitly passed pp group.
+schedules are written here over an explicitly passed pp group. The model side of a stage
+(embedding, decoder layers, norm + LM head + loss) is ``engine.parallel.runner.LLMStages``.
 """
 
 from __future__ import annotations
@@ -45,11 +46,8 @@ def partition_layers(num_layers: int, stages: int, layers_per_stage: Optional[Se
             raise ValueError(f"layers_per_stage={counts} sums to {sum(counts)}, not num_layers={num_layers}")
     if any(c < 1 for c in counts):
         raise ValueError(f"every pipeline stage needs at least one layer: {counts} for {num_layers} layers")
-    out, start = [], 0
-    for c in counts:
-        out.append(range(start, start + c))
-        start += c
-    return out
+    starts = [sum(counts[:i]) for i in range(stages)]
+    return [range(a, a + c) for a, c in zip(starts, counts)]
 
 
 def rank_layers(num_layers: int, pp: int, vpp: int = 1,
@@ -78,7 +76,7 @@ class Backward:
 
 @dataclass(frozen=True)
 class P2P:
-    """One message. ``chunk`` is this rank's chunk that produced (send) or will consume (recv) it."""
+    """One message; ``chunk`` is this rank's chunk that produced (send) or will consume (recv) it."""
 
     op: str  # send | recv
     kind: str  # fwd (activation) | bwd (gradient)
@@ -102,8 +100,7 @@ class _Builder:
     def __init__(self, P: int, V: int, s: int):
         self.P, self.V, self.s = P, V, s
         self.prog: list[Instruction] = []
-        self.next_in = [0] * V
-        self.next_grad = [0] * V
+        self.next_in, self.next_grad = [0] * V, [0] * V
 
     def first(self, c: int) -> bool:
         return self.s == 0 and c == 0
@@ -169,14 +166,9 @@ def program_interleaved(pp: int, vpp: int, rank: int, microbatches: int) -> list
     b = _Builder(P, V, s)
     total = M * V
 
-    def fchunk(k: int) -> int:
-        return (k % (P * V)) // P
-
-    def bchunk(k: int) -> int:
-        return V - 1 - fchunk(k)
-
-    def mb_of(k: int) -> int:
-        return (k // (P * V)) * P + k % P
+    fchunk = lambda k: (k % (P * V)) // P  # noqa: E731
+    bchunk = lambda k: V - 1 - fchunk(k)  # noqa: E731
+    mb_of = lambda k: (k // (P * V)) * P + k % P  # noqa: E731
 
     all_warm = M == P
     warm = total if all_warm else min((P - s - 1) * 2 + (V - 1) * P, total)
@@ -228,6 +220,7 @@ def program_interleaved(pp: int, vpp: int, rank: int, microbatches: int) -> list
 
 
 def build_program(pp: int, vpp: int, rank: int, microbatches: int) -> list[Instruction]:
+    """1F1B when ``vpp == 1``, else interleaved."""
     return program_1f1b(pp, rank, microbatches) if vpp == 1 else program_interleaved(pp, vpp, rank, microbatches)
 
 
@@ -240,13 +233,11 @@ def message_tag(kind: str, dest_virtual_stage: int, microbatch: int, virtual_sta
 
 
 class StageFunctions(Protocol):
-    """What the executor needs from the model side of this rank."""
+    """The model side of this rank: ``forward`` returns the output activation of ``chunk`` (on the
+    last virtual stage the scalar to back-propagate); ``recv_shape`` the shape entering ``chunk``."""
 
-    def forward(self, chunk: int, microbatch: int, x: Optional[torch.Tensor]) -> torch.Tensor:
-        """Output activation of ``chunk``; on the last virtual stage the scalar to back-propagate."""
-
-    def recv_shape(self, chunk: int, microbatch: int) -> tuple[int, ...]:
-        """Shape of the activation entering ``chunk`` for ``microbatch``."""
+    def forward(self, chunk: int, microbatch: int, x: Optional[torch.Tensor]) -> torch.Tensor: ...
+    def recv_shape(self, chunk: int, microbatch: int) -> tuple[int, ...]: ...
 
 
 class PipelineExecutor:
@@ -254,70 +245,54 @@ class PipelineExecutor:
 
     def __init__(self, group: Optional[dist.ProcessGroup], pp_ranks: Sequence[int], rank: int, vpp: int,
                  device: torch.device, dtype: torch.dtype = torch.float32):
-        self.group = group
-        self.pp_ranks = list(pp_ranks)  # global rank of each pp rank
-        self.pp = len(self.pp_ranks)
-        self.rank = rank  # this rank's pp index
-        self.vpp = vpp
-        self.device = device
-        self.dtype = dtype
+        self.group, self.pp_ranks, self.pp = group, list(pp_ranks), len(pp_ranks)  # global rank per pp rank
+        self.rank, self.vpp, self.device, self.dtype = rank, vpp, device, dtype  # rank: this pp index
 
-    def _vs(self, rank: int, chunk: int) -> int:
-        return chunk * self.pp + rank
+    def _vs(self, chunk: int) -> int:
+        return chunk * self.pp + self.rank
 
     def run(self, program: Sequence[Instruction], stages: StageFunctions) -> None:
         """Forward and backward of every microbatch; gradients accumulate into the parameters."""
-        P, V = self.pp, self.vpp
-        last_vs = P * V - 1
-        inbox: dict[tuple[str, int, int], torch.Tensor] = {}
-        outbox: dict[tuple[str, int, int], torch.Tensor] = {}
+        last_vs = self.pp * self.vpp - 1
+        inbox: dict[tuple[str, int, int], torch.Tensor] = {}  # received, keyed (kind, chunk, microbatch)
+        outbox: dict[tuple[str, int, int], torch.Tensor] = {}  # to send
         saved: dict[tuple[int, int], tuple[Optional[torch.Tensor], torch.Tensor]] = {}
         for ins in program:
             if isinstance(ins, Forward):
                 key = (ins.chunk, ins.microbatch)
-                x = None
-                if self._vs(self.rank, ins.chunk) > 0:
-                    x = inbox.pop((FWD,) + key).requires_grad_()
+                x = inbox.pop((FWD,) + key).requires_grad_() if self._vs(ins.chunk) > 0 else None
                 out = stages.forward(ins.chunk, ins.microbatch, x)
                 saved[key] = (x, out)
-                if self._vs(self.rank, ins.chunk) < last_vs:
+                if self._vs(ins.chunk) < last_vs:
                     outbox[(FWD,) + key] = out.detach()
             elif isinstance(ins, Backward):
                 key = (ins.chunk, ins.microbatch)
                 x, out = saved.pop(key)
-                if self._vs(self.rank, ins.chunk) == last_vs:
-                    if out.requires_grad:
-                        out.backward()
-                else:
-                    g = inbox.pop((BWD,) + key)
-                    if out.requires_grad:
-                        torch.autograd.backward(out, g.to(out.dtype))
+                g = None if self._vs(ins.chunk) == last_vs else inbox.pop((BWD,) + key).to(out.dtype)
+                if out.requires_grad:
+                    torch.autograd.backward(out, g)
                 if x is not None:
                     outbox[(BWD,) + key] = x.grad if x.grad is not None else torch.zeros_like(x)
             else:
                 self._communicate(ins, inbox, outbox, saved, stages)
         if inbox or outbox or saved:
-            raise RuntimeError(f"pipeline program left work behind: inbox {sorted(inbox)}, outbox {sorted(outbox)}, "
-                               f"saved {sorted(saved)}")
+            raise RuntimeError(f"pipeline program left work: in {sorted(inbox)} out {sorted(outbox)} saved {sorted(saved)}")
 
     def _communicate(self, comm: Comm, inbox, outbox, saved, stages: StageFunctions) -> None:
-        P, V = self.pp, self.vpp
-        ops, received = [], []
+        ops, received, n_vs = [], [], self.pp * self.vpp
         for m in comm.ops:
-            vs = self._vs(self.rank, m.chunk)
+            vs = self._vs(m.chunk)
             if m.op == "send":
                 t = outbox.pop((m.kind, m.chunk, m.microbatch)).to(self.dtype).contiguous()
                 dest = vs + 1 if m.kind == FWD else vs - 1
                 ops.append(dist.P2POp(dist.isend, t, self.pp_ranks[m.peer], self.group,
-                                      message_tag(m.kind, dest, m.microbatch, P * V)))
+                                      message_tag(m.kind, dest, m.microbatch, n_vs)))
             else:
-                if m.kind == FWD:
-                    shape = stages.recv_shape(m.chunk, m.microbatch)
-                else:
-                    shape = saved[(m.chunk, m.microbatch)][1].shape
+                fwd = m.kind == FWD
+                shape = stages.recv_shape(m.chunk, m.microbatch) if fwd else saved[(m.chunk, m.microbatch)][1].shape
                 buf = torch.empty(shape, dtype=self.dtype, device=self.device)
                 ops.append(dist.P2POp(dist.irecv, buf, self.pp_ranks[m.peer], self.group,
-                                      message_tag(m.kind, vs, m.microbatch, P * V)))
+                                      message_tag(m.kind, vs, m.microbatch, n_vs)))
                 received.append(((m.kind, m.chunk, m.microbatch), buf))
         for work in dist.batch_isend_irecv(ops):
             work.wait()
