@@ -25,30 +25,23 @@ def use_triton(mode: str, key: str) -> bool:
     return True
 
 
-def _rotary_kernel(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, theta: float):
-    """Adapts ``[B, S, H, D]`` to the kernel's packed ``[tokens, heads, D]`` layout."""
-    import kernels
-
-    B, S, H, D = q.shape
-    qo, ko = kernels.v2pe_rotary(q.reshape(B * S, H, D), k.reshape(B * S, k.shape[2], D),
-                                 positions.reshape(-1).float(), theta)
-    return qo.view(B, S, H, D), ko.view(B, S, k.shape[2], D)
-
-
-def _loss_kernel(hidden, weight, targets, weights):
-    import kernels
-
-    return kernels.weighted_linear_cross_entropy(hidden, weight, targets, weights)
-
-
 def configure_kernels(model, cfg: KernelsConfig) -> None:
-    """Install the chosen implementation on every layer that has a kernel."""
+    """Install the chosen implementation on every layer that has a kernel (``reference`` keeps
+    the model's own PyTorch code)."""
+    import functools
+
     if use_triton(cfg.rotary, "rotary"):
+        import kernels
+
+        rotary = functools.partial(kernels.v2pe_rotary, mode=cfg.rotary)
         for layer in model.language_model.layers:
-            layer.self_attn.rotary = _rotary_kernel
+            layer.self_attn.rotary = rotary
     if use_triton(cfg.pixel_shuffle, "pixel_shuffle"):
         import kernels
 
-        model.pixel_shuffle = kernels.pixel_shuffle
+        model.pixel_shuffle = functools.partial(kernels.pixel_shuffle, mode=cfg.pixel_shuffle)
     if use_triton(cfg.loss, "loss"):
-        model.loss_fn = _loss_kernel
+        import kernels
+
+        vocab = model.config.llm.vocab_size
+        model.loss_fn = functools.partial(kernels.weighted_linear_cross_entropy, vocab_size=vocab, mode=cfg.loss)
