@@ -364,3 +364,6 @@ def test_exchange_plan_validation():
         ExchangePlan(3, [[0, 1], [1]], [[[0, 1, 2]]])
     with pytest.raises(ValueError, match=r"llm side .*missing \[2\]"):
         ExchangePlan(3, [[0, 1, 2]], [[[0, 1]]])
+    # a balancer's tile ranges: sample 1 (tiles 2..4) split over two ViT ranks, sample 0 after
+    plan = ExchangePlan.from_ranges([2, 3], [[(1, 0, 2)], [(1, 2, 3), (0, 0, 2)]], [[[1], [0]]])
+    assert plan.vit == [[2, 3], [4, 0, 1]] and plan.llm == [[[2, 3, 4], [0, 1]]]

@@ -83,7 +83,8 @@ def clip_grad_norm(local: Sequence[torch.nn.Parameter], counted: Sequence[torch.
     """L2 norm of all gradients over ``group`` (None: the default group, i.e. the world), before
     clipping; clips ``local`` when ``max_norm > 0``. ``counted`` are this rank's parameters whose
     elements no other rank counts (so each unique element enters the sum once)."""
-    sq = torch.zeros((), dtype=torch.float64)
+    device = next((p.grad.device for p in local if p.grad is not None), torch.device("cpu"))
+    sq = torch.zeros((), dtype=torch.float64, device=device)
     for p in counted:
         if p.grad is not None:
             sq += torch.linalg.vector_norm(p.grad.detach().double()) ** 2

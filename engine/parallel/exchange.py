@@ -71,6 +71,17 @@ class ExchangePlan:
         return cls(total, vit, llm)
 
 
+    @classmethod
+    def from_ranges(cls, sample_tiles: Sequence[int], vit_ranges: Sequence[Sequence[tuple[int, int, int]]],
+                    llm_assignment: Sequence[Sequence[Sequence[int]]]) -> "ExchangePlan":
+        """A balancer's plan: ``vit_ranges[v]`` lists ``(sample, first tile, end tile)`` ranges
+        (``engine.balance.Assignment.vit``); ``llm_assignment`` as in ``naive``."""
+        ids = cls.sample_tile_ids(sample_tiles)
+        vit = [[ids[s][k] for s, a, b in ranges for k in range(a, b)] for ranges in vit_ranges]
+        llm = [[[t for s in mb for t in ids[s]] for mb in rep] for rep in llm_assignment]
+        return cls(sum(len(t) for t in ids), vit, llm)
+
+
 @dataclass
 class Route:
     """One direction of the exchange for this rank: rows of the input to send to each world

@@ -219,8 +219,7 @@ def program_interleaved(pp: int, vpp: int, rank: int, microbatches: int) -> list
     return b.prog
 
 
-def build_program(pp: int, vpp: int, rank: int, microbatches: int) -> list[Instruction]:
-    """1F1B when ``vpp == 1``, else interleaved."""
+def build_program(pp: int, vpp: int, rank: int, microbatches: int) -> list[Instruction]:  # 1F1B if vpp == 1
     return program_1f1b(pp, rank, microbatches) if vpp == 1 else program_interleaved(pp, vpp, rank, microbatches)
 
 

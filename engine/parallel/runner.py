@@ -168,7 +168,7 @@ class ParallelRunner:
         batches = [self._pack(samples, order, g) for order, g in zip(assignment[d], groups)]
         local = [sum(float(b.loss_weights.double().sum()) for b in batches), sum(b.text_tokens for b in batches),
                  sum(b.visual_tokens for b in batches), sum(b.num_samples for b in batches)]
-        totals = torch.tensor(local, dtype=torch.float64)
+        totals = torch.tensor(local, dtype=torch.float64, device=self.device)
         if llm.group("dp") is not None:
             dist.all_reduce(totals, group=llm.group("dp"))
         W, text, visual, n = totals.tolist()
@@ -194,7 +194,7 @@ class ParallelRunner:
         self._reduce_grads()
 
         last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
-        loss = torch.tensor([stages.loss if last else 0.0], dtype=torch.float64)
+        loss = torch.tensor([stages.loss if last else 0.0], dtype=torch.float64, device=self.device)
         dist.all_reduce(loss)
         stats.update(loss=float(loss), text_tokens=int(text), visual_tokens=int(visual), samples=int(n),
                      tokens=int(text + visual))
