@@ -102,10 +102,14 @@ class ParallelRunner:
             raise ConfigError(f"parallel.llm.pp={L.pp} needs model.llm.tie_word_embeddings=false")
         self.cfg, self.device, self.autocast_dtype, self.pad_id = cfg, device, autocast_dtype, pad_id
         self.topo = build_topology(cfg, dist.get_rank(), dist.get_world_size())
-        self.model, self.layout = parallelize_model(model.to(device), self.topo, cfg)
+        self.model, self.layout = parallelize_model(model, self.topo, cfg)  # shards on the host first
         llm, lm = self.topo.llm, self.model.language_model
         self.pp_rank = llm.coord("pp")
-        self.ranges = rank_layers(len(lm.layers), L.pp, L.vpp)[self.pp_rank]
+        split = getattr(L, "layers_per_stage", None) or None  # optional list, one entry per virtual stage
+        try:
+            self.ranges = rank_layers(len(lm.layers), L.pp, L.vpp, split)[self.pp_rank]
+        except ValueError as e:
+            raise ConfigError(f"parallel.llm.layers_per_stage / pp={L.pp} x vpp={L.vpp}: {e}") from None
         owned = {i for r in self.ranges for i in r}
         for i in range(len(lm.layers)):
             if i not in owned:
@@ -114,6 +118,7 @@ class ParallelRunner:
             lm.embed_tokens = None
         if self.pp_rank < L.pp - 1:
             lm.norm, lm.lm_head = None, None
+        self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.executor = PipelineExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device)
         self.exchange = VisualExchange(self.topo)
