@@ -1,0 +1,1 @@
+"""Post-training: SFT, Mixed Preference Optimization (MPO) and a visual process reward model (VisualPRM)."""
