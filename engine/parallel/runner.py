@@ -121,6 +121,8 @@ class ParallelRunner:
         self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.executor = PipelineExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device)
+        if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
+            dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
 
         vit_named = [(f"vision_model.{n}", p) for n, p in self.model.vision_model.named_parameters()]
