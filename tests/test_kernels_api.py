@@ -81,6 +81,15 @@ def test_kernels_compile_for_h100_without_spills():
     lines = [l for l in res.stdout.splitlines() if "registers" in l]
     assert len(lines) >= 20, res.stdout
     assert all(l.rstrip().endswith("spill bytes 0") for l in lines), res.stdout
+    # compiled with the launcher's 16-divisibility of aligned shapes, the bulk traffic is 128-bit:
+    # every store of rotary (d=128) and the shuffle, every load of the shuffle
+    share = {l.split()[0]: (int(l.split("loads")[1].split("%")[0]), int(l.split("stores")[1].split("%")[0]))
+             for l in lines}
+    for name, (loads, stores) in share.items():
+        if name.startswith("rotary(d=128") or name.startswith("pixel_shuffle("):
+            assert stores == 100, f"{name}: {stores}% of stores are 128-bit"
+        if name.startswith("pixel_shuffle("):
+            assert loads == 100, f"{name}: {loads}% of loads are 128-bit"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the tool runs the full benchmark")
@@ -92,3 +101,35 @@ def test_bench_tool_without_gpu_runs_smoke_and_exits_0(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "no CUDA device" in res.stdout and "CPU smoke passed" in res.stdout
     assert res.stdout.count(" ok") == 4, res.stdout
+
+
+def test_bench_report_goal_checks_csv_and_plot(tmp_path, monkeypatch):
+    """The benchmark's reporting on synthetic timings: goal verdicts, CSV rows, PNG."""
+    spec = importlib.util.spec_from_file_location("bench_kernels", os.path.join(REPO, "tools", "bench_kernels.py"))
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_kernels", bench)
+    spec.loader.exec_module(bench)
+    dev = bench.Device("fake", copy_gbps=3000.0, mm_tflops=700.0)
+    loss = "78B T=16384 h=8192 V=151674"
+    Row = bench.Row
+    dev.rows = [
+        Row("loss", loss, 16384, "fwd+bwd", "triton", median_ms=230.0, peak_extra_mib=4000, workspace_mib=1000),
+        Row("loss", loss, 16384, "fwd+bwd", "eager", median_ms=200.0, peak_extra_mib=40000, workspace_mib=37000),
+        Row("rotary", "8B T=8192", 8192, "fwd", "triton", median_ms=0.1, gbytes=0.27),
+        Row("rotary", "8B T=8192", 8192, "fwd", "eager", median_ms=0.5, gbytes=0.27),
+        Row("rotary", "8B T=4096", 4096, "fwd", "triton", median_ms=0.1, gbytes=0.1),
+    ]
+    for r in dev.rows:
+        if r.gbytes == r.gbytes:
+            r.gbps = r.gbytes / r.median_ms * 1e3
+            r.pct_copy_bw = 100 * r.gbps / dev.copy_gbps
+    bench._speedups(dev.rows)
+    checks = bench.goal_checks(dev.rows)
+    assert len(checks) == 2, checks  # 4K-token rows are not judged
+    assert checks[0].startswith("FAIL loss") and "time 1.15x eager" in checks[0]  # 1.15x is over the 1.1x goal
+    assert checks[1].startswith("PASS rotary fwd") and "90% of copy bandwidth" in checks[1] and "5.00x eager" in checks[1]
+    bench.write_csv(dev, str(tmp_path / "b.csv"))
+    bench.write_plot(dev, str(tmp_path / "b.png"))
+    lines = (tmp_path / "b.csv").read_text().splitlines()
+    assert len(lines) == 1 + len(dev.rows) and "workspace_mib" in lines[0]
+    assert (tmp_path / "b.png").stat().st_size > 1000

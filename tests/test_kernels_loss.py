@@ -70,6 +70,31 @@ def test_loss_matches_reference(seed, tokens, hidden, rows, vocab, chunk):
     assert torch.equal(gw[vocab:], torch.zeros_like(gw[vocab:]))
 
 
+@pytest.mark.parametrize("pattern", ["none_dropped", "zero_weights", "mixed"])
+def test_loss_rows_that_cannot_contribute(seed, pattern):
+    """Ignored and zero-weight tokens are dropped before the GEMMs: same sums, zero hidden-grad rows."""
+    tokens, hidden, vocab = 19, 8, 40
+    h = torch.randn(tokens, hidden, device=DEVICE)
+    w = torch.randn(vocab, hidden, device=DEVICE) / hidden ** 0.5 * 4
+    labels = torch.randint(0, vocab, (tokens,), device=DEVICE)
+    tw = torch.rand(tokens, device=DEVICE) + 0.1
+    dropped = torch.zeros(tokens, dtype=torch.bool, device=DEVICE)
+    if pattern in ("zero_weights", "mixed"):
+        tw[1::4] = 0
+        dropped[1::4] = True
+    if pattern == "mixed":
+        labels[2::5] = -100
+        dropped[2::5] = True
+    loss, wsum, gh, gw = _loss_and_grads("triton", h, w, labels, tw, scale=0.7, chunk_size=4)
+    loss_r, wsum_r, gh_r, gw_r = _loss_and_grads("reference", h, w, labels, tw, scale=0.7)
+    torch.testing.assert_close(loss, loss_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(wsum, wsum_r, rtol=1e-6, atol=0)
+    torch.testing.assert_close(gh, gh_r, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gw, gw_r, rtol=1e-5, atol=1e-5)
+    assert torch.equal(gh[dropped], torch.zeros_like(gh[dropped]))
+    assert not (gh[~dropped] == 0).all(dim=1).any()
+
+
 def test_reference_is_weighted_cross_entropy(seed):
     """The reference itself: sum(w * ce) over supervised tokens, padded columns excluded."""
     h, w, labels, tw = _inputs(11, 8, 20, 17)
