@@ -121,7 +121,9 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
         src = os.path.join(d, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        res = subprocess.run([ptxas, f"-arch=sm_{arch}a" if arch >= 90 else f"-arch=sm_{arch}", "-v", src,
+        # the flags triton's own build passes (triton/backends/nvidia/compiler.py, make_cubin)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        res = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", src,
                               "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
     log = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", log)

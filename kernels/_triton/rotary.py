@@ -1,9 +1,10 @@
 """V2PE rotary embedding: one launch rotates q and k, cos/sin from float positions inside the kernel.
 
-Angle accuracy: ``u = position * inv_freq / 2pi`` (turns) is formed in float64, reduced to
-``[-1/2, 1/2]`` exactly, converted to radians in float64 and only then to float32 for cos/sin,
-so large positions (1e6) lose nothing. The float64 work is per (token, frequency), shared by all
-heads of a program; the kernel stays memory-bound.
+Angle accuracy: ``u = position * inv_freq / 2pi`` (turns) is formed in float64 and reduced
+exactly to within 1/8 turn of a quarter turn; only that remainder goes to float32, so positions
+up to 2^24 keep ~1e-7 accuracy (a float32 product position * inv_freq is off by ~1e-2 radians at
+1e6). The float64 and trigonometric work is per (token,
+frequency), shared by the up to 8 heads of a program; the kernel stays memory-bound.
 """
 
 from __future__ import annotations
@@ -20,18 +21,39 @@ from kernels.reference import rotary_inv_freq
 
 
 @triton.jit
-def _rotate_heads(x_ptr, o_ptr, head0, H, stride_xt, stride_xh, stride_ot, stride_oh,
-                  t, t_mask, d, d_mask, cos, sin, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    h = head0 + tl.arange(0, BLOCK_H)
-    mask = t_mask[:, None, None] & (h < H)[None, :, None] & d_mask[None, None, :]
-    x_off = t[:, None, None] * stride_xt + h[None, :, None].to(tl.int64) * stride_xh + d[None, None, :]
-    o_off = t[:, None, None] * stride_ot + h[None, :, None].to(tl.int64) * stride_oh + d[None, None, :]
-    x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
-    c = cos[:, None, :]
-    s = sin[:, None, :]
-    tl.store(o_ptr + o_off, (x1 * c - x2 * s).to(o_ptr.dtype.element_ty), mask=mask)
-    tl.store(o_ptr + o_off + HALF, (x2 * c + x1 * s).to(o_ptr.dtype.element_ty), mask=mask)
+def _cos_sin_of_turns(u):
+    """cos(2*pi*u), sin(2*pi*u) in float32 for float64 turns ``u``.
+
+    The nearest quarter turn q is split off exactly in float64, leaving |r| <= 1/8 turn; the angle
+    2*pi*r (|x| <= pi/4) goes to float32 and through Taylor polynomials (truncation < 2e-9), then
+    the quadrant q mod 4 rotates the result. No branches and no large-argument path.
+    """
+    q = tl.floor(u * 4.0 + 0.5)
+    x = (u - q * 0.25).to(tl.float32) * 6.283185307179586
+    x2 = x * x
+    s = x * (1.0 + x2 * (-1.6666666666666666e-1 + x2 * (8.333333333333333e-3 + x2 * (
+        -1.984126984126984e-4 + x2 * 2.7557319223985893e-6))))
+    c = 1.0 + x2 * (-0.5 + x2 * (4.1666666666666664e-2 + x2 * (-1.3888888888888889e-3 + x2 * (
+        2.48015873015873e-5 + x2 * -2.755731922398589e-7))))
+    quadrant = q.to(tl.int64) & 3
+    sin = tl.where(quadrant == 0, s, tl.where(quadrant == 1, c, tl.where(quadrant == 2, -s, -c)))
+    cos = tl.where(quadrant == 0, c, tl.where(quadrant == 1, -s, tl.where(quadrant == 2, -c, s)))
+    return cos, sin
+
+
+@triton.jit
+def _rotate_heads(x_ptr, o_ptr, head0, head1, stride_xt, stride_xh, stride_ot, stride_oh,
+                  t, mask, d, cos, sin, HALF: tl.constexpr):
+    """Heads ``[head0, head1)`` of the tokens ``t``: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin)."""
+    x_row = t[:, None] * stride_xt + d[None, :]
+    o_row = t[:, None] * stride_ot + d[None, :]
+    for h in range(head0, head1):
+        x_off = x_row + tl.cast(h, tl.int64) * stride_xh
+        o_off = o_row + tl.cast(h, tl.int64) * stride_oh
+        x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + x_off + HALF, mask=mask, other=0.0).to(tl.float32)
+        tl.store(o_ptr + o_off, (x1 * cos - x2 * sin).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + o_off + HALF, (x2 * cos + x1 * sin).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -39,40 +61,39 @@ def _rotary_kernel(q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, turns_ptr,
                    T, HQ, HK, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_qot, stride_qoh, stride_kot, stride_koh,
                    HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                   BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, INVERSE: tl.constexpr):
+                   HEADS: tl.constexpr, INVERSE: tl.constexpr):
+    """Program (i, j): tokens [i*BLOCK_T, ...), head group j of q (then of k), HEADS heads per group.
+
+    cos/sin live in the same [BLOCK_T, HALF_PAD] layout as the data tiles, so each thread computes
+    them once for its own elements and reuses them for every head of the group.
+    """
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     t = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
-    t_mask = t < T
     d = tl.arange(0, HALF_PAD)
-    d_mask = d < HALF
+    mask = (t < T)[:, None] & (d < HALF)[None, :]
 
-    pos = tl.load(pos_ptr + t, mask=t_mask, other=0).to(tl.float64)
-    turns = tl.load(turns_ptr + d, mask=d_mask, other=0.0)
-    u = pos[:, None] * turns[None, :]
-    u = u - tl.floor(u + 0.5)
-    angle = (u * tl.full((), 6.283185307179586, tl.float64)).to(tl.float32)
-    cos = tl.cos(angle)
-    sin = tl.sin(angle)
+    pos = tl.load(pos_ptr + t, mask=t < T, other=0).to(tl.float64)
+    turns = tl.load(turns_ptr + d, mask=d < HALF, other=0.0)
+    cos, sin = _cos_sin_of_turns(pos[:, None] * turns[None, :])
     if INVERSE:
         sin = -sin
 
-    n_qb = tl.cdiv(HQ, BLOCK_HQ)
-    if pid_h < n_qb:
-        _rotate_heads(q_ptr, qo_ptr, pid_h * BLOCK_HQ, HQ, stride_qt, stride_qh, stride_qot, stride_qoh,
-                      t, t_mask, d, d_mask, cos, sin, HALF, BLOCK_HQ)
+    n_qg = tl.cdiv(HQ, HEADS)
+    if pid_h < n_qg:
+        h0 = pid_h * HEADS
+        _rotate_heads(q_ptr, qo_ptr, h0, tl.minimum(h0 + HEADS, HQ), stride_qt, stride_qh, stride_qot, stride_qoh,
+                      t, mask, d, cos, sin, HALF)
     else:
-        _rotate_heads(k_ptr, ko_ptr, (pid_h - n_qb) * BLOCK_HK, HK, stride_kt, stride_kh, stride_kot, stride_koh,
-                      t, t_mask, d, d_mask, cos, sin, HALF, BLOCK_HK)
+        h0 = (pid_h - n_qg) * HEADS
+        _rotate_heads(k_ptr, ko_ptr, h0, tl.minimum(h0 + HEADS, HK), stride_kt, stride_kh, stride_kot, stride_koh,
+                      t, mask, d, cos, sin, HALF)
 
 
 def rotary_config(half: int, hq: int, hk: int) -> dict[str, int]:
-    """Block sizes: up to 8 heads per program, ~2K elements per half tile."""
+    """Tiles of ~1K elements per half (8 values per thread at 4 warps), up to 8 heads per program."""
     half_pad = triton.next_power_of_2(half)
-    bhq = min(triton.next_power_of_2(hq), 8)
-    bhk = min(triton.next_power_of_2(hk), 8)
-    block_t = max(1, 2048 // (max(bhq, bhk) * half_pad))
-    return dict(HALF_PAD=half_pad, BLOCK_T=block_t, BLOCK_HQ=bhq, BLOCK_HK=bhk)
+    return dict(HALF_PAD=half_pad, BLOCK_T=max(1, 1024 // half_pad), HEADS=8)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +111,7 @@ def rotate(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, turns: tor
     if T == 0:
         return qo, ko
     cfg = rotary_config(D // 2, HQ, HK)
-    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(HQ, cfg["BLOCK_HQ"]) + triton.cdiv(HK, cfg["BLOCK_HK"]))
+    grid = (triton.cdiv(T, cfg["BLOCK_T"]), triton.cdiv(HQ, cfg["HEADS"]) + triton.cdiv(HK, cfg["HEADS"]))
     _rotary_kernel[grid](q, k, qo, ko, positions, turns, T, HQ, HK,
                          q.stride(0), q.stride(1), k.stride(0), k.stride(1),
                          qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
