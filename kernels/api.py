@@ -57,7 +57,10 @@ def weighted_linear_cross_entropy(hidden: torch.Tensor, lm_head_weight: torch.Te
     ``ignore_index`` count 0 in both sums. Vocab columns ``>= vocab_size`` (padding) never win.
     Gradients flow to ``hidden`` and ``lm_head_weight``. Under tensor parallelism the hidden
     gradient is this rank's partial sum: the caller all-reduces it over ``tp_group`` (the backward
-    of Megatron's copy-to-tensor-parallel-region does exactly that).
+    of Megatron's copy-to-tensor-parallel-region does exactly that). hidden, labels and
+    token_weights must be the same on every rank of ``tp_group``. The Triton path drops ignored
+    and zero-weight tokens before its GEMMs (one host sync) and keeps its gradients for a single
+    backward; the weight gradient is accumulated over token chunks in the weight's dtype.
     """
     if chunk_size is not None and chunk_size <= 0:
         raise ValueError(f"weighted_linear_cross_entropy: chunk_size {chunk_size} must be > 0")
