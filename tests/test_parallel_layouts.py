@@ -17,9 +17,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-from dist_utils import DistributedError, run_distributed
+from dist_utils import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from dist_utils import run_distributed
-from engine.parallel.pipeline import (BWD, FWD, Backward, Comm, Forward, PipelineExecutor, build_program,
+from engine.parallel.pipeline import (BWD, FWD, Comm, Forward, PipelineExecutor, build_program,
                                       partition_layers, program_1f1b, program_interleaved, rank_layers)
 
 
