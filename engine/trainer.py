@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint import CheckpointError, CheckpointManager
+from engine.checkpoint import (KIND_WEIGHTS, CheckpointManager, CheckpointReader, load_checkpoint, save_checkpoint,
+                               scheduler_state)
 from engine.config import Config, ConfigError, save_config, validate_config
 from engine.metrics import MetricsLogger, setup_logging
 from engine.models.internvl import InternVLModel
@@ -138,32 +139,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        return {"step": self.step, "runner": self.runner.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "loader": self.loader.state_dict(), "world_size": self.world}
+        """The global training state, the same on every rank. Model, optimizer and RNG states are
+        saved per rank, layout-independently, by ``engine.checkpoint.save_checkpoint``."""
+        return {"step": self.step, "scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                "balancer": None}
 
     def save(self) -> str:
-        path = self.ckpt.save(self.step, self.state_dict())
+        """Collective; once per step. The final save and a save on a stop signal always wait for
+        the disk; others run in the background when the checkpoint manager saves asynchronously."""
+        self.ckpt.wait()
+        if self.ckpt.last_step == self.step:
+            return self.ckpt.step_dir(self.step)
+        blocking = True if self.step >= self.cfg.train.steps or self._should_stop() else None
+        path = save_checkpoint(self.ckpt, self.step, self.runner, self.cfg, self.state_dict(), rng_state(), blocking)
         log.info("saved checkpoint %s", path)
         return path
 
     def _resume(self) -> None:
+        """``train.resume``: auto (this run's latest checkpoint), none, or a path (a checkpoint, or a
+        checkpoint root with ``latest``) saved under any layout. A weights-only checkpoint (from
+        tools/convert_checkpoint.py) initialises the model at step 0, unless this run already has
+        checkpoints of its own, which then win (a restarted fine-tuning run continues)."""
         choice = self.cfg.train.resume
         if choice == "none":
             return
         path = self.ckpt.latest() if choice == "auto" else choice
+        if path is not None and os.path.exists(os.path.join(path, "latest")):
+            path = CheckpointManager(path).latest()
         if path is None:
             return
-        manifest = CheckpointManager.check(path)
-        if manifest["world_size"] != self.world:
-            raise CheckpointError(f"{path} was saved by {manifest['world_size']} ranks; this run has {self.world} "
-                                  f"(convert it with tools/convert_checkpoint.py)")
-        state = CheckpointManager.load_rank(path, self.rank)
-        self.runner.load_state_dict(state["runner"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        set_rng_state(state["rng"])
-        self.step = int(state["step"])
-        log.info("resumed from %s at step %d", path, self.step)
+        own = self.ckpt.latest() if choice != "auto" else None
+        if own is not None and CheckpointReader(path).meta.get("kind") == KIND_WEIGHTS:
+            log.info("%s holds weights only; continuing this run from its own checkpoint %s", path, own)
+            path = own
+        loaded = load_checkpoint(path, self.runner, self.cfg)
+        if loaded.trainer is None:
+            log.info("initialised the model from %s (%s checkpoint) at step 0", path, loaded.kind)
+            return
+        self.scheduler.load_state_dict(scheduler_state(loaded.trainer["scheduler"],
+                                                       len(self.runner.optimizer.param_groups)))
+        self.loader.load_state_dict(loaded.trainer["loader"])
+        if loaded.rng is not None:
+            set_rng_state(loaded.rng)
+        self.step = loaded.step
+        log.info("resumed from %s at step %d%s", path, self.step,
+                 "" if loaded.same_layout else " (saved under another layout; rank 0's RNG state on every rank)")
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:

@@ -4,30 +4,47 @@ Layout of a run's checkpoint root::
 
     checkpoints/
       step_00000100/            one published checkpoint
-        manifest.json           written last: step, world size, the files every rank wrote
-        rank_00000.pt           each rank's own state (model/optimizer shards, RNG, ...)
+        manifest.json           written last: step, world size, every file with its size in bytes
+        ...                     the files the ranks wrote (see ``engine.checkpoint.state``)
       latest                    text file naming the newest complete checkpoint
 
-A save writes into ``.tmp-step_N``, every rank writes its own file, rank 0 writes the manifest,
-renames the directory into place and only then rewrites ``latest`` (write + ``os.replace``).
-A process killed at any point leaves the previous checkpoint and ``latest`` intact.
+A save writes into ``.tmp-step_N``: every rank writes its own files, the ranks agree that all
+of them succeeded, rank 0 completes the directory (``finalize``), writes the manifest, renames
+the directory into place and only then rewrites ``latest`` (write + ``os.replace``). A process
+killed at any point leaves the previous checkpoint and ``latest`` intact; the unpublished
+``.tmp-step_N`` is removed by the next save of that step.
+
+With ``async_save`` the ranks' writes run in a background thread (the state handed to ``save``
+must then be a snapshot) and the checkpoint is published by the next ``save`` or ``wait``, both
+collective calls on the main thread; until then ``latest`` names the previous checkpoint.
+
+The directory must be on a file system all ranks share. Fault injection for tests:
+``ENGINE_CHECKPOINT_SAVE_DELAY=STEP:SECONDS`` makes every rank sleep after writing its files of
+the save at ``STEP``, before the checkpoint is published.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-from typing import Any, Callable, Optional
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 MANIFEST = "manifest.json"
+log = logging.getLogger("engine.checkpoint")
+
+Writer = Callable[[str], list[str]]
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or corrupt."""
+    """A checkpoint is missing, incomplete or corrupt, or does not fit the model."""
 
 
 def _rank_world() -> tuple[int, int]:
@@ -41,14 +58,57 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _all_gather(obj: Any) -> list[Any]:
+    if dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def _broadcast(obj: Any) -> Any:
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
+def _fault_delay(step: int) -> None:
+    spec = os.environ.get("ENGINE_CHECKPOINT_SAVE_DELAY", "")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
+
+
+class _Pending:
+    def __init__(self, step: int, tmp: str, write: Writer, finalize: Optional[Callable[[str], None]]):
+        self.step, self.tmp, self.finalize = step, tmp, finalize
+        self.files: list[str] = []
+        self.error: Optional[str] = None
+        self.thread: Optional[threading.Thread] = None
+        self._write = write
+
+    def run(self) -> None:
+        try:
+            self.files = list(self._write(self.tmp))
+            _fault_delay(self.step)
+        except BaseException:
+            self.error = traceback.format_exc(limit=4)
+
+
 class CheckpointManager:
-    def __init__(self, root: str, keep_last: int = 2):
+    def __init__(self, root: str, keep_last: int = 2, async_save: bool = False):
         self.root = root
         self.keep_last = keep_last
+        self.async_save = async_save
+        self.last_step: Optional[int] = None  # step of the last checkpoint this manager published
+        self._pending: Optional[_Pending] = None
 
     # ------------------------------------------------------------------ paths
     def step_dir(self, step: int) -> str:
@@ -73,10 +133,14 @@ class CheckpointManager:
                       os.path.exists(os.path.join(self.root, d, MANIFEST)))
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, state: dict[str, Any], extra_files: Optional[Callable[[str], None]] = None) -> str:
-        """Collective when distributed: every rank passes its own ``state``."""
-        rank, world = _rank_world()
-        final = self.step_dir(step)
+    def save(self, step: int, state: Union[dict, Writer], finalize: Optional[Callable[[str], None]] = None,
+             blocking: Optional[bool] = None) -> str:
+        """Collective when distributed. ``state``: ``write(tmp_dir) -> [file names]`` writing this
+        rank's files, or a dict saved as ``rank_NNNNN.pt``. ``finalize(tmp_dir)`` runs on rank 0
+        once every rank's files are complete. Returns the checkpoint's final path."""
+        self.wait()
+        rank, _ = _rank_world()
+        write: Writer = state if callable(state) else self._dict_writer(state, rank)
         tmp = os.path.join(self.root, f".tmp-step_{step:08d}")
         if rank == 0:
             os.makedirs(self.root, exist_ok=True)
@@ -84,34 +148,85 @@ class CheckpointManager:
                 shutil.rmtree(tmp)
             os.makedirs(tmp)
         _barrier()
-        path = os.path.join(tmp, rank_file(rank))
-        torch.save(state, path + ".part")
-        os.replace(path + ".part", path)
-        if extra_files is not None and rank == 0:
-            extra_files(tmp)
-        _barrier()
-        if rank == 0:
-            files = sorted(os.listdir(tmp))
-            missing = [rank_file(r) for r in range(world) if rank_file(r) not in files]
-            if missing:
-                raise CheckpointError(f"checkpoint step {step}: ranks did not write {missing}")
-            manifest = {"step": step, "world_size": world, "files": files}
-            with open(os.path.join(tmp, MANIFEST), "w") as f:
-                json.dump(manifest, f, indent=1)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            marker = os.path.join(self.root, "latest")
-            with open(marker + ".part", "w") as f:
-                f.write(os.path.basename(final))
-            os.replace(marker + ".part", marker)
-            self._prune()
-        _barrier()
-        return final
+        pending = _Pending(step, tmp, write, finalize)
+        if blocking is False or (blocking is None and self.async_save):
+            pending.thread = threading.Thread(target=pending.run, name=f"checkpoint-step-{step}", daemon=True)
+            pending.thread.start()
+            self._pending = pending
+        else:
+            pending.run()
+            self._publish(pending)
+        return self.step_dir(step)
 
-    def _prune(self) -> None:
+    @staticmethod
+    def _dict_writer(state: dict, rank: int) -> Writer:
+        def write(tmp: str) -> list[str]:
+            path = os.path.join(tmp, rank_file(rank))
+            torch.save(state, path + ".part")
+            os.replace(path + ".part", path)
+            return [rank_file(rank)]
+        return write
+
+    def wait(self) -> Optional[str]:
+        """Collective: finish and publish a pending asynchronous save; its path, or None."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        if pending.thread is not None:
+            pending.thread.join()
+        self._publish(pending)
+        return self.step_dir(pending.step)
+
+    def _publish(self, p: _Pending) -> None:
+        rank, world = _rank_world()
+        results = _all_gather((p.error, p.files))
+        failed = [(r, err) for r, (err, _) in enumerate(results) if err is not None]
+        if failed:
+            r, err = failed[0]
+            raise CheckpointError(f"checkpoint step {p.step} not published: rank {r} failed to write:\n{err}")
+        error = None
+        if rank == 0:
+            try:
+                self._complete(p, [f for _, files in results for f in files], world)
+            except Exception as e:  # noqa: BLE001 - every rank must learn of it
+                error = f"checkpoint step {p.step} not published: {e}"
+        error = _broadcast(error)
+        if error is not None:
+            raise CheckpointError(error)
+        self.last_step = p.step
+
+    def _complete(self, p: _Pending, expected: list[str], world: int) -> None:
+        present = set(os.listdir(p.tmp))
+        missing = [f for f in expected if f not in present]
+        if missing:
+            raise CheckpointError(f"files {missing} were written but are not in {p.tmp}")
+        if p.finalize is not None:
+            p.finalize(p.tmp)
+        files = {f: os.path.getsize(os.path.join(p.tmp, f)) for f in sorted(os.listdir(p.tmp))}
+        manifest = {"step": p.step, "world_size": world, "files": files}
+        with open(os.path.join(p.tmp, MANIFEST + ".part"), "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.path.join(p.tmp, MANIFEST + ".part"), os.path.join(p.tmp, MANIFEST))
+        final = self.step_dir(p.step)
+        old = os.path.join(self.root, f".old-step_{p.step:08d}")
+        if os.path.exists(final):
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(p.tmp, final)
+        marker = os.path.join(self.root, "latest")
+        with open(marker + ".part", "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(marker + ".part", marker)
+        shutil.rmtree(old, ignore_errors=True)
+        self._prune(os.path.basename(final))
+
+    def _prune(self, keep: str) -> None:
         for name in self.published()[: -self.keep_last]:
-            shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+            if name != keep:
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     # ------------------------------------------------------------------ load
     @staticmethod
@@ -127,9 +242,18 @@ class CheckpointManager:
                 manifest = json.load(f)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{mpath} is unreadable: {e}") from None
-        missing = [f for f in manifest.get("files", []) if not os.path.exists(os.path.join(path, f))]
+        files = manifest.get("files", {})
+        if isinstance(files, list):
+            files = {f: None for f in files}
+        manifest["files"] = files
+        missing = [f for f in files if not os.path.exists(os.path.join(path, f))]
         if missing:
             raise CheckpointError(f"{path} is incomplete: missing {', '.join(missing)}")
+        for f, size in files.items():
+            actual = os.path.getsize(os.path.join(path, f))
+            if size is not None and actual != size:
+                raise CheckpointError(f"{os.path.join(path, f)} is truncated or altered: {actual} bytes, "
+                                      f"the manifest says {size}")
         return manifest
 
     @staticmethod
