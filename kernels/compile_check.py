@@ -67,19 +67,31 @@ def _variants(dtype: str) -> list[Variant]:
                 const = dict(R=2, V2=v2, BACKWARD=backward, BLOCK_ROWS=block_rows, BLOCK_C=block_c)
                 out.append((f"pixel_shuffle(C={c},v2={v2},backward={backward})", pixel_shuffle._shuffle_kernel,
                             sig, vals, const, 4))
+        rr_pad, tile_c = pixel_shuffle._tile_shape(2, c)
+        tile_warps = pixel_shuffle._tile_warps(rr_pad * tile_c)
         block_c = pixel_shuffle._ln_block_c(c)
         sig = dict(x_ptr=f"*{dtype}", y_ptr=f"*{dtype}", w_ptr=f"*{dtype}", b_ptr=f"*{dtype}", mean_ptr="*fp32",
                    rstd_ptr="*fp32", A2=i32, B2=i32, C=i32, stride_xn=i32, stride_xa=i32, stride_xb=i32, eps="fp32")
         vals = dict(A2=16, B2=16, C=c, stride_xn=1024 * c, stride_xa=32 * c, stride_xb=c)
-        out.append((f"pixel_shuffle_layernorm_fwd(C={c})", pixel_shuffle._shuffle_ln_fwd_kernel, sig, vals,
-                    dict(R=2, V2=True, HAS_BIAS=True, BLOCK_C=block_c), 4))
+        if rr_pad * tile_c <= pixel_shuffle.FWD_TILE_MAX:
+            out.append((f"pixel_shuffle_layernorm_fwd(C={c},whole row)", pixel_shuffle._shuffle_ln_fwd_tile_kernel,
+                        sig, vals, dict(R=2, V2=True, HAS_BIAS=True, RR_PAD=rr_pad, BLOCK_C=tile_c), tile_warps))
+        else:
+            out.append((f"pixel_shuffle_layernorm_fwd(C={c},chunked)", pixel_shuffle._shuffle_ln_fwd_kernel, sig,
+                        vals, dict(R=2, V2=True, HAS_BIAS=True, BLOCK_C=block_c), 4))
+        strides = dict(A2=16, B2=16, C=c, stride_xn=1024 * c, stride_xa=32 * c, stride_xb=c, stride_dn=1024 * c,
+                       stride_da=32 * c, stride_db=c)
         sig = dict(x_ptr=f"*{dtype}", dy_ptr=f"*{dtype}", dx_ptr=f"*{dtype}", w_ptr=f"*{dtype}", mean_ptr="*fp32",
-                   rstd_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", ROWS=i32, ROWS_PER_PROG=i32, A2=i32, B2=i32,
-                   C=i32, stride_xn=i32, stride_xa=i32, stride_xb=i32, stride_dn=i32, stride_da=i32, stride_db=i32)
-        vals = dict(ROWS=tiles * 256, ROWS_PER_PROG=4, A2=16, B2=16, C=c, stride_xn=1024 * c, stride_xa=32 * c,
-                    stride_xb=c, stride_dn=1024 * c, stride_da=32 * c, stride_db=c)
-        out.append((f"pixel_shuffle_layernorm_bwd(C={c})", pixel_shuffle._shuffle_ln_bwd_kernel, sig, vals,
-                    dict(R=2, V2=True, BLOCK_C=block_c), 4))
+                   rstd_ptr="*fp32", dw_ptr="*fp32", db_ptr="*fp32", ROWS=i32)
+        if rr_pad * tile_c <= pixel_shuffle.BWD_TILE_MAX:
+            sig.update({k: i32 for k in strides})
+            out.append((f"pixel_shuffle_layernorm_bwd(C={c},whole row)", pixel_shuffle._shuffle_ln_bwd_tile_kernel,
+                        sig, dict(ROWS=tiles * 256, **strides), dict(R=2, V2=True, RR_PAD=rr_pad, BLOCK_C=tile_c),
+                        pixel_shuffle._tile_warps_bwd(rr_pad * tile_c)))
+        else:
+            sig.update({"ROWS_PER_PROG": i32, **{k: i32 for k in strides}})
+            out.append((f"pixel_shuffle_layernorm_bwd(C={c},chunked)", pixel_shuffle._shuffle_ln_bwd_kernel, sig,
+                        dict(ROWS=tiles * 256, ROWS_PER_PROG=4, **strides), dict(R=2, V2=True, BLOCK_C=block_c), 4))
     vocab, padded = 151674, 151680  # the engine pads the vocab to a multiple of 128
     block_v = fused_loss._block_v(padded)
     for has_lse, grad in ((False, True), (False, False), (True, True)):

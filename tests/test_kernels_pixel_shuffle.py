@@ -97,6 +97,29 @@ def test_pixel_shuffle_layernorm_matches_reference(seed, shape, bias, version):
                                                                   w, b, 1e-5))
 
 
+@pytest.mark.parametrize("path", ["whole_row", "chunked_backward", "chunked"])
+def test_pixel_shuffle_layernorm_kernel_paths(seed, monkeypatch, path):
+    """Rows read whole into registers, and the channel-chunked kernels wide rows fall back to."""
+    import kernels._triton.pixel_shuffle as ps
+
+    if path in ("chunked_backward", "chunked"):
+        monkeypatch.setattr(ps, "BWD_TILE_MAX", 0)
+    if path == "chunked":
+        monkeypatch.setattr(ps, "FWD_TILE_MAX", 0)
+    x = (torch.randn(2, 4, 6, 9, device=DEVICE) * 3 - 1).requires_grad_()
+    w = torch.randn(36, device=DEVICE, requires_grad=True)
+    b = torch.randn(36, device=DEVICE, requires_grad=True)
+    with poison_outputs():
+        y = kernels.pixel_shuffle_layernorm(x, w, b, 1e-5, 0.5, "v2", mode="triton")
+        g = torch.randn_like(y)
+        grads = torch.autograd.grad(y, (x, w, b), g)
+    yr = reference.pixel_shuffle_layernorm_ref(x, w, b, 1e-5, 0.5, "v2")
+    grads_r = torch.autograd.grad(yr, (x, w, b), g)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    for a, r in zip(grads, grads_r):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 def test_pixel_shuffle_errors():
     x = torch.randn(2, 5, 4, 3)
     with pytest.raises(ValueError, match="spatial size 5x4"):

@@ -3,6 +3,11 @@
 With r = 1/scale and x ``[N, A, B, C]`` the v2 output is ``[N, A/r, B/r, r*r*C]`` with
 ``out[n, a, b, (q*r + k)*C + c] = x[n, a*r + q, b*r + k, c]``; v1 stores the same rows as
 ``[N, B/r, A/r, r*r*C]``. Each output row is r*r contiguous channel runs of the input.
+
+Shuffle + LayerNorm: rows that fit a register tile (r*r*C up to 16K padded elements forward, 4K
+backward, i.e. ViT-300M's C=1024 both ways) are read once; backward keeps the weight and bias
+gradient partials in registers across the rows of a program. Wider rows use channel-chunked kernels
+that re-read the row (from cache) and accumulate those partials in global memory.
 """
 
 from __future__ import annotations
@@ -186,6 +191,94 @@ def _shuffle_ln_bwd_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_
                     tl.store(db_ptr + part + f, tl.load(db_ptr + part + f, mask=m, other=0.0) + dy, mask=m)
 
 
+@triton.jit
+def _row_tile(o, A2, B2, C, stride_n, stride_a, stride_b, R: tl.constexpr, V2: tl.constexpr,
+              RR_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Output row ``o`` as a [RR_PAD, BLOCK_C] tile: offsets of its R*R runs in a tensor with the given
+    strides, offsets in the row itself, and the mask of real elements."""
+    j = tl.arange(0, RR_PAD)
+    c = tl.arange(0, BLOCK_C)
+    src = _source_rows(o, A2, B2, stride_n, stride_a, stride_b, R, V2)
+    run = src + (j // R).to(tl.int64) * stride_a + (j % R).to(tl.int64) * stride_b
+    mask = (j < R * R)[:, None] & (c < C)[None, :]
+    return run[:, None] + c[None, :], j[:, None] * C + c[None, :], mask
+
+
+@triton.jit
+def _shuffle_ln_fwd_tile_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, A2, B2, C,
+                                stride_xn, stride_xa, stride_xb, eps,
+                                R: tl.constexpr, V2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                RR_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One output row per program, read once into registers: statistics, normalise, store."""
+    o = tl.program_id(0).to(tl.int64)
+    D = R * R * C
+    x_off, f, mask = _row_tile(o, A2, B2, C, stride_xn, stride_xa, stride_xb, R, V2, RR_PAD, BLOCK_C)
+    x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(tl.sum(x, axis=1), axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(xc * xc, axis=1), axis=0) / D + eps)
+    y = xc * rstd * tl.load(w_ptr + f, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        y += tl.load(b_ptr + f, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + o * D + f, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(mean_ptr + o, mean)
+    tl.store(rstd_ptr + o, rstd)
+
+
+@triton.jit
+def _shuffle_ln_bwd_tile_kernel(x_ptr, dy_ptr, dx_ptr, w_ptr, mean_ptr, rstd_ptr, dw_ptr, db_ptr,
+                                ROWS, A2, B2, C, stride_xn, stride_xa, stride_xb, stride_dn, stride_da, stride_db,
+                                R: tl.constexpr, V2: tl.constexpr, RR_PAD: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Rows pid, pid + P, ...: each read once (x, dy) into registers; dweight/dbias accumulate in
+    registers and are written once per program as a partial row."""
+    pid = tl.program_id(0)
+    D = R * R * C
+    _off0, f, mask = _row_tile(tl.zeros((), dtype=tl.int64), A2, B2, C, stride_xn, stride_xa, stride_xb, R, V2,
+                               RR_PAD, BLOCK_C)
+    w = tl.load(w_ptr + f, mask=mask, other=0.0).to(tl.float32)
+    dw = tl.zeros((RR_PAD, BLOCK_C), dtype=tl.float32)
+    db = tl.zeros((RR_PAD, BLOCK_C), dtype=tl.float32)
+    for row in range(pid, ROWS, tl.num_programs(0)):
+        o = tl.cast(row, tl.int64)
+        x_off, _f1, _m1 = _row_tile(o, A2, B2, C, stride_xn, stride_xa, stride_xb, R, V2, RR_PAD, BLOCK_C)
+        dx_off, _f2, _m2 = _row_tile(o, A2, B2, C, stride_dn, stride_da, stride_db, R, V2, RR_PAD, BLOCK_C)
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + o * D + f, mask=mask, other=0.0).to(tl.float32)
+        xhat = tl.where(mask, (x - tl.load(mean_ptr + o)) * tl.load(rstd_ptr + o), 0.0)
+        g = dy * w
+        c1 = tl.sum(tl.sum(g * xhat, axis=1), axis=0) / D
+        c2 = tl.sum(tl.sum(g, axis=1), axis=0) / D
+        dx = (g - c2 - xhat * c1) * tl.load(rstd_ptr + o)
+        tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+        db += dy
+    part = pid.to(tl.int64) * D
+    tl.store(dw_ptr + part + f, dw, mask=mask)
+    tl.store(db_ptr + part + f, db, mask=mask)
+
+
+# Whole-row tiles (elements, padded to powers of two) up to which the single-read kernels are used;
+# wider rows take the channel-chunked kernels above. Backward holds five tiles in registers.
+FWD_TILE_MAX = 16384
+BWD_TILE_MAX = 4096
+
+
+def _tile_shape(r: int, c: int) -> tuple[int, int]:
+    """(RR_PAD, BLOCK_C) of a whole output row."""
+    return triton.next_power_of_2(r * r), triton.next_power_of_2(c)
+
+
+def _tile_warps(elements: int) -> int:
+    """Forward: about 8 values per thread per tile (128-bit bf16 accesses), 4..16 warps."""
+    return min(16, max(4, elements // 256))
+
+
+def _tile_warps_bwd(elements: int) -> int:
+    """Backward: 16 values per thread per tile, at most 8 warps, so that two or more programs share
+    an SM and one's row reductions overlap another's loads."""
+    return min(8, max(4, elements // 512))
+
+
 def _ln_block_c(c: int) -> int:
     """Channel block of the LayerNorm kernels: up to 1024, the tail of C masked.
 
@@ -214,7 +307,13 @@ class PixelShuffleLayerNorm(torch.autograd.Function):
         y = _alloc.empty(_out_shape(x.shape, r, v2), x.dtype, x.device)
         mean = _alloc.empty((rows,), torch.float32, x.device)
         rstd = _alloc.empty((rows,), torch.float32, x.device)
-        if rows:
+        rr_pad, block_c = _tile_shape(r, c)
+        if rows and rr_pad * block_c <= FWD_TILE_MAX:
+            _shuffle_ln_fwd_tile_kernel[(rows,)](x, y, weight, bias if bias is not None else weight, mean, rstd,
+                                                 a // r, b // r, c, x.stride(0), x.stride(1), x.stride(2), eps,
+                                                 R=r, V2=v2, HAS_BIAS=bias is not None, RR_PAD=rr_pad,
+                                                 BLOCK_C=block_c, num_warps=_tile_warps(rr_pad * block_c))
+        elif rows:
             _shuffle_ln_fwd_kernel[(rows,)](x, y, weight, bias if bias is not None else weight, mean, rstd,
                                             a // r, b // r, c, x.stride(0), x.stride(1), x.stride(2), eps,
                                             R=r, V2=v2, HAS_BIAS=bias is not None, BLOCK_C=_ln_block_c(c),
@@ -232,6 +331,18 @@ class PixelShuffleLayerNorm(torch.autograd.Function):
         rows, d = mean.numel(), c * r * r
         dx = _alloc.empty(x.shape, x.dtype, x.device)
         progs = max(1, _num_programs(rows, x.device))
+        rr_pad, block_c = _tile_shape(r, c)
+        if rows and rr_pad * block_c <= BWD_TILE_MAX:
+            dw = _alloc.empty((progs, d), torch.float32, x.device)
+            db = _alloc.empty((progs, d), torch.float32, x.device)
+            _shuffle_ln_bwd_tile_kernel[(progs,)](x, gy, dx, weight, mean, rstd, dw, db, rows, a // r, b // r, c,
+                                                  x.stride(0), x.stride(1), x.stride(2),
+                                                  dx.stride(0), dx.stride(1), dx.stride(2),
+                                                  R=r, V2=v2, RR_PAD=rr_pad, BLOCK_C=block_c,
+                                                  num_warps=_tile_warps_bwd(rr_pad * block_c))
+            dweight = dw.sum(0).to(weight.dtype)
+            dbias = db.sum(0).to(ctx.bias_dtype) if ctx.has_bias else None
+            return dx, dweight, dbias, None, None, None
         per = triton.cdiv(max(rows, 1), progs)
         progs = triton.cdiv(max(rows, 1), per)
         dw = torch.zeros((progs, d), dtype=torch.float32, device=x.device)
