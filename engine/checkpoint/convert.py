@@ -26,10 +26,10 @@ import torch
 
 from engine.checkpoint.manager import MANIFEST, CheckpointError, CheckpointManager
 from engine.checkpoint.plan import default_world, grid_sizes, shard_spec, target_pieces
-from engine.checkpoint.regions import Box, take, volume
+from engine.checkpoint.regions import Box, take
 from engine.checkpoint.safetensors_io import DTYPES, SafetensorsWriter, dtype_name, nbytes, read_slice
 from engine.checkpoint.state import (FORMAT, INDEX, KIND_WEIGHTS, META, VERSION, check_model, expected_parameters,
-                                     layout_of)
+                                     layout_of, model_config_of)
 from engine.checkpoint.store import CheckpointReader, rank_stem
 from engine.config import Config, ConfigError, ModelConfig, config_to_dict, validate_model, validate_parallel
 from engine.models import hf_adapter as A
@@ -362,15 +362,6 @@ def resolve_engine_checkpoint(path: str) -> str:
             raise CheckpointError(f"{path}/latest names no checkpoint")
         return latest
     return path
-
-
-def model_config_of(reader: CheckpointReader) -> ModelConfig:
-    from engine.config import config_from_dict
-
-    saved = reader.meta.get("model")
-    if not saved:
-        raise CheckpointError(f"{reader.path}/{META} has no model config")
-    return config_from_dict({"model": saved}).model
 
 
 def _parse_size(size) -> Optional[int]:

@@ -31,7 +31,6 @@ sample index, so it does not depend on rank-local generators).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -52,6 +51,7 @@ VERSION = 1
 KIND_TRAIN = "train"  # model, optimizer, scheduler, data position, RNG
 KIND_WEIGHTS = "weights"  # model only (converted checkpoints)
 RESTORED_HPARAMS = ("lr", "initial_lr")  # set by the schedule; the rest comes from the config
+RUNNER_STATE = "runner_state.pt"  # rank 0's extra runner state, when the runner has any
 
 
 def _rank_world() -> tuple[int, int]:
@@ -201,12 +201,34 @@ def write_meta(directory: str, meta: dict) -> None:
         json.dump(meta, f, indent=1)
 
 
+def runner_extra_state(runner) -> dict:
+    """Runner state besides model and optimizer (e.g. a reward shift), the same on every rank:
+    ``runner.extra_state_dict()`` when defined, else the other entries of ``runner.state_dict()``."""
+    if hasattr(runner, "extra_state_dict"):
+        return dict(runner.extra_state_dict())
+    return {k: v for k, v in runner.state_dict().items() if k not in ("model", "optimizer")}
+
+
+def load_runner_extra_state(runner, extra: dict) -> None:
+    """Inverse of ``runner_extra_state`` (call after the model and the optimizer are loaded)."""
+    if not extra:
+        return
+    if hasattr(runner, "load_extra_state_dict"):
+        runner.load_extra_state_dict(extra)
+    else:  # the runner's own loader, handed its current model and optimizer state back
+        runner.load_state_dict({"model": runner.model.state_dict(), "optimizer": runner.optimizer.state_dict(),
+                                **extra})
+
+
 def save_checkpoint(manager: CheckpointManager, step: int, runner, cfg: Config, trainer_state: dict,
                     rng: Optional[dict] = None, blocking: Optional[bool] = None) -> str:
     """Collective: every rank writes its pieces; published atomically by ``manager``."""
+    import copy
+
     rank, world = _rank_world()
     asynchronous = blocking is False or (blocking is None and manager.async_save)
     writer = collect_runner_state(runner, rank, copy=asynchronous)
+    extra = copy.deepcopy(runner_extra_state(runner)) if rank == 0 else {}
     meta = {"format": FORMAT, "version": VERSION, "kind": KIND_TRAIN, "step": int(step),
             "model": config_to_dict(cfg.model), "layout": layout_of(cfg, world),
             "trainer": _json_safe(trainer_state, "trainer state"),
@@ -214,6 +236,9 @@ def save_checkpoint(manager: CheckpointManager, step: int, runner, cfg: Config, 
 
     def write(tmp: str) -> list[str]:
         files = writer.write(tmp)
+        if extra:
+            torch.save(extra, os.path.join(tmp, RUNNER_STATE))
+            files.append(RUNNER_STATE)
         if rng is not None:
             name = rank_stem(rank) + ".rng.pt"
             torch.save(rng, os.path.join(tmp, name))
@@ -391,9 +416,23 @@ class Loaded:
     same_layout: bool
 
 
-def read_meta(path: str) -> dict:
+def model_config_of(reader: CheckpointReader) -> ModelConfig:
+    """The model config a checkpoint was saved with."""
+    from engine.config import config_from_dict
+
+    saved = reader.meta.get("model")
+    if not saved:
+        raise CheckpointError(f"{reader.path}/{META} has no model config")
+    return config_from_dict({"model": saved}).model
+
+
+def read_full_model(path: str, dtype: Optional[torch.dtype] = None) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """The whole model of a checkpoint saved under any layout, in single-process engine names
+    (for evaluation or post-training initialisation in one process), and its model config."""
     reader = CheckpointReader(path)
-    return reader.meta
+    model_cfg = model_config_of(reader)
+    check_model(reader, model_cfg)
+    return {name: reader.read(f"model/{name}", dtype=dtype) for name in expected_parameters(model_cfg)}, model_cfg
 
 
 def load_checkpoint(path: str, runner, cfg: Config, optimizer: bool = True) -> Loaded:
@@ -415,6 +454,9 @@ def load_checkpoint(path: str, runner, cfg: Config, optimizer: bool = True) -> L
     if kind == KIND_TRAIN:
         if optimizer:
             load_optimizer(reader, runner)
+            if RUNNER_STATE in reader.manifest["files"]:
+                load_runner_extra_state(runner, torch.load(os.path.join(path, RUNNER_STATE), map_location="cpu",
+                                                           weights_only=False))
         name = rank_stem(rank if same else 0) + ".rng.pt"
         if name in reader.manifest["files"]:
             rng = torch.load(os.path.join(path, name), map_location="cpu", weights_only=False)
@@ -424,4 +466,5 @@ def load_checkpoint(path: str, runner, cfg: Config, optimizer: bool = True) -> L
 
 __all__ = ["FORMAT", "VERSION", "KIND_TRAIN", "KIND_WEIGHTS", "INDEX", "META", "Site", "parameter_sites",
            "collect_runner_state", "save_checkpoint", "load_checkpoint", "load_model", "load_optimizer",
-           "scheduler_state", "check_model", "expected_parameters", "Loaded", "write_meta", "layout_of"]
+           "scheduler_state", "check_model", "expected_parameters", "Loaded", "write_meta", "layout_of",
+           "read_full_model", "model_config_of", "runner_extra_state", "load_runner_extra_state"]
