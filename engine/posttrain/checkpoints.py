@@ -3,11 +3,9 @@
 Accepted paths:
 
 * an engine run directory (``config.yaml`` + ``checkpoints/latest``): its newest checkpoint;
-* an engine checkpoint directory (``manifest.json``; the run's ``config.yaml`` two levels up);
+* an engine checkpoint directory (``manifest.json``), saved under any layout; the run's
+  ``config.yaml`` (two levels up), when present, supplies the data settings (tokenizer, tiling);
 * a transformers ``internvl`` / ``internvl_chat`` directory (``config.json``).
-
-Engine checkpoints must have been written by one process (use the run's gathered export for
-parallel runs).
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from engine.checkpoint import CheckpointError, CheckpointManager
+from engine.checkpoint import CheckpointError, CheckpointManager, read_full_model
 from engine.config import Config, load_config
 from engine.models.internvl import InternVLModel
 
@@ -25,9 +23,8 @@ from engine.models.internvl import InternVLModel
 def _engine_dirs(path: str) -> Optional[tuple[str, str]]:
     """(checkpoint dir, run dir) of an engine run or checkpoint path, or None."""
     if os.path.isfile(os.path.join(path, "manifest.json")):
-        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
-        return path, run
-    if os.path.isfile(os.path.join(path, "config.yaml")):
+        return path, os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(os.path.join(path, "checkpoints")) or os.path.isfile(os.path.join(path, "config.yaml")):
         latest = CheckpointManager(os.path.join(path, "checkpoints")).latest()
         if latest is None:
             raise CheckpointError(f"{path} is a run directory without a complete checkpoint (checkpoints/latest)")
@@ -36,6 +33,7 @@ def _engine_dirs(path: str) -> Optional[tuple[str, str]]:
 
 
 def describe(path: str) -> str:
+    """``engine`` or ``transformers``; an error naming the path otherwise."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path!r}: no such directory")
     if _engine_dirs(path) is not None:
@@ -46,29 +44,16 @@ def describe(path: str) -> str:
                           f"transformers directory (config.json)")
 
 
-def engine_state_dict(ckpt_dir: str) -> dict[str, torch.Tensor]:
-    manifest = CheckpointManager.check(ckpt_dir)
-    if manifest["world_size"] != 1:
-        raise CheckpointError(f"{ckpt_dir} was saved by {manifest['world_size']} ranks; load a single-process "
-                              f"checkpoint (gather it first)")
-    state = CheckpointManager.load_rank(ckpt_dir, 0)
-    try:
-        return state["runner"]["model"]
-    except (KeyError, TypeError):
-        raise CheckpointError(f"{ckpt_dir}: rank file has no runner.model state") from None
-
-
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[InternVLModel, Optional[Config]]:
-    """(model in eval mode, the run's Config or None for a transformers directory)."""
+    """(model in eval mode, the run's Config when there is one)."""
     if describe(path) == "transformers":
         return InternVLModel.from_pretrained(path).to(device).eval(), None
     ckpt, run = _engine_dirs(path)
+    state, model_cfg = read_full_model(ckpt)
     config = os.path.join(run, "config.yaml")
-    if not os.path.isfile(config):
-        raise CheckpointError(f"{ckpt}: the run's config.yaml is missing ({config})")
-    cfg = load_config(config)
-    model = InternVLModel(cfg.model, init=False)
-    _load_strict(model, engine_state_dict(ckpt), ckpt)
+    cfg = load_config(config) if os.path.isfile(config) else None
+    model = InternVLModel(model_cfg, init=False)
+    _load_strict(model, state, ckpt)
     return model.to(device).eval(), cfg
 
 
@@ -89,5 +74,5 @@ def load_weights(model: InternVLModel, path: str) -> None:
     if describe(path) == "transformers":
         state = InternVLModel.from_pretrained(path).state_dict()
     else:
-        state = engine_state_dict(_engine_dirs(path)[0])
+        state, _ = read_full_model(_engine_dirs(path)[0])
     _load_strict(model, state, path)

@@ -90,13 +90,20 @@ class _MPOSteps:
         self.last_metrics = {}
         return {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0}
 
-    def _shift_state(self, state: dict) -> dict:
-        return {**state, "reward_shift": self.shift.state_dict()}
+    def extra_state_dict(self) -> dict:
+        """State besides model and optimizer, the same on every rank (saved with checkpoints)."""
+        return {"reward_shift": self.shift.state_dict()}
 
-    def _load_shift(self, state: dict) -> None:
+    def load_extra_state_dict(self, state: dict) -> None:
         if "reward_shift" not in state:
             raise ValueError("checkpoint lacks the MPO reward shift ('reward_shift'): not an MPO checkpoint?")
         self.shift.load_state_dict(state["reward_shift"])
+
+    def _shift_state(self, state: dict) -> dict:
+        return {**state, **self.extra_state_dict()}
+
+    def _load_shift(self, state: dict) -> None:
+        self.load_extra_state_dict(state)
 
 
 class MPOLocalRunner(_MPOSteps, LocalRunner):
@@ -208,9 +215,9 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
         if ref_full is not None:
             from engine.parallel.parallelize import parallelize_model
 
-            self.reference, self.ref_layout = parallelize_model(ref_full.to(device), self.topo, cfg)
+            self.reference, self.ref_layout = parallelize_model(ref_full, self.topo, cfg)  # on the host first
             _keep_stage(self.reference, self.ranges, self.pp_rank, cfg.parallel.llm.pp)
-            self.reference.requires_grad_(False)
+            self.reference.requires_grad_(False).to(device)
 
     # ------------------------------------------------------------------ stage pieces
     def stage_forward(self, model, layout, chunk: int, mb: Microbatch, x: Optional[torch.Tensor]):
