@@ -31,7 +31,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("transformers") is None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTX, VOCAB, IMAGE = 7, 101, 56
-LAYOUT = ["parallel.llm.tp=2", "parallel.llm.pp=2", "parallel.llm.microbatches=2", "parallel.vit.tp=2"]
+LAYOUT = ["parallel.llm.tp=2", "parallel.llm.pp=2", "parallel.llm.microbatches=2", "parallel.vit.tp=2",
+          "parallel.zero1=true"]
 
 
 def tiny_hf(seed: int = 0):
@@ -94,6 +95,8 @@ def load_and_save(rank: int, world: int, hf_dir: str, engine_dir: str, run_dir: 
         expect = shard_tensor(want[name], info, grid.coord("tp"), grid.size("tp"))
         assert torch.equal(p.detach(), expect), f"rank {rank}: {name} differs from its shard of the source"
         checked.append(name)
+    for shard, group in zip(runner.optimizer.shards, runner.optimizer.param_groups):  # ZeRO-1 masters follow
+        assert torch.equal(group["params"][0].detach(), shard.owned([p.data for p in shard.params]))
     path = save_checkpoint(CheckpointManager(run_dir), 0, runner, cfg, {"step": 0}, None)
     return {"kind": loaded.kind, "checked": checked, "path": path}
 

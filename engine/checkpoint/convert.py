@@ -64,7 +64,16 @@ def _cast(dtype: torch.dtype, to: Optional[torch.dtype]) -> torch.dtype:
     return to if to is not None and dtype.is_floating_point else dtype
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` of its own address space (``ru_maxrss``
+    would include the parent's peak, which Linux carries across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -81,7 +90,7 @@ class Report:
         mb = self.bytes / 2**20
         rate = mb / self.seconds if self.seconds > 0 else 0.0
         return (f"wrote {self.tensors} tensors, {mb:.1f} MiB in {self.seconds:.2f} s ({rate:.1f} MiB/s) to "
-                f"{len(self.files)} files; peak RSS {_peak_rss_mb():.0f} MiB")
+                f"{len(self.files)} files; peak RSS {peak_rss_mib():.0f} MiB")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -309,7 +318,8 @@ def to_engine(src: str, dst: str, cfg: Optional[Config] = None, world: Optional[
         for rank in sorted(per_rank):
             b = sum(nbytes(box[1], t.dtype) for _, t, box in per_rank[rank])
             out(f"  {rank_stem(rank)}.safetensors: {len(per_rank[rank])} pieces, {b} B")
-        out(f"dry run: {len(targets)} tensors, {report.bytes} B in {len(per_rank)} files; nothing written")
+        out(f"dry run: {len(targets)} tensors, {report.bytes} B in {len(per_rank)} files; nothing written; "
+            f"peak RSS {peak_rss_mib():.0f} MiB")
         return report
 
     tmp = _prepare_output(dst)
@@ -408,7 +418,7 @@ def to_hf(src: str, dst: str, dtype: Optional[torch.dtype] = None, max_shard_siz
             for name, key, shape, dt in shard:
                 out(f"  {key} -> {file}:{name} {list(shape)} {dtype_name(reader.dtype('model/' + key))}->"
                     f"{dtype_name(dt)} {nbytes(shape, dt)} B")
-        out(f"dry run: {len(entries)} tensors, {report.bytes} B; nothing written")
+        out(f"dry run: {len(entries)} tensors, {report.bytes} B; nothing written; peak RSS {peak_rss_mib():.0f} MiB")
         return report
     tmp = _prepare_output(dst)
     weight_map = {}

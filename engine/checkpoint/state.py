@@ -305,6 +305,9 @@ def load_model(reader: CheckpointReader, runner, model_cfg: ModelConfig) -> None
                 p.zero_()
             if stored is not None:
                 take(p, stored[1]).copy_(reader.read(f"model/{name}", stored[0]))
+        if _is_zero(runner.optimizer):  # ZeRO-1 master slices follow the loaded weights
+            for shard, group in zip(runner.optimizer.shards, runner.optimizer.param_groups):
+                group["params"][0].copy_(shard.owned([p.data for p in shard.params]))
 
 
 def _state_names(reader: CheckpointReader) -> list[str]:

@@ -192,25 +192,32 @@ class CheckpointReader:
         box = full_box(shape) if box is None else (tuple(box[0]), tuple(box[1]))
         if not inside(box, shape):
             raise CheckpointError(f"{key}: box {box} is outside its stored shape {shape}")
-        out = torch.empty(box[1], dtype=dtype or DTYPES[e["dtype"]])
-        covered = torch.zeros(box[1], dtype=torch.uint8)
+        hits = []
         for p in e["pieces"]:
             pbox = (tuple(p["offsets"]), tuple(p["sizes"]))
             common = intersect(pbox, box)
-            if common is None:
-                continue
-            h = self._header(p["file"]).get(p["name"])
-            if h is None or tuple(h["shape"]) != pbox[1]:
-                raise CheckpointError(f"{os.path.join(self.path, p['file'])}: piece {p['name']} of {key} is "
-                                      f"{'missing' if h is None else 'of shape ' + str(h['shape'])}")
-            try:
-                data = read_slice(os.path.join(self.path, p["file"]), p["name"], slices(common, pbox[0]))
-            except Exception as err:
-                raise CheckpointError(f"{os.path.join(self.path, p['file'])}: cannot read {p['name']}: {err}") from None
-            dst = slices(common, box[0])
-            out[dst] = data.to(out.dtype)
-            covered[dst] += 1
-        if not bool((covered == 1).all()):
-            missing, twice = int((covered == 0).sum()), int((covered > 1).sum())
-            raise CheckpointError(f"{self.path}: {key} box {box}: {missing} elements in no piece, {twice} in several")
+            if common is not None:
+                hits.append((p, pbox, common))
+        covered = sum(volume(c[1]) for _, _, c in hits)
+        twice = sum(volume(c[1]) for i, (_, _, a) in enumerate(hits) for _, _, b in hits[i + 1:]
+                    if (c := intersect(a, b)) is not None)
+        if covered - twice != volume(box[1]) or twice:
+            raise CheckpointError(f"{self.path}: {key} box {box}: {volume(box[1]) - covered + twice} elements in no "
+                                  f"piece, {twice} in several")
+        want = dtype or DTYPES[e["dtype"]]
+        if len(hits) == 1 and hits[0][2] == box:  # one piece holds the whole box
+            return self._read_piece(key, *hits[0]).to(want)
+        out = torch.empty(box[1], dtype=want)
+        for p, pbox, common in hits:
+            out[slices(common, box[0])] = self._read_piece(key, p, pbox, common)
         return out
+
+    def _read_piece(self, key: str, p: dict, pbox: Box, common: Box) -> torch.Tensor:
+        h = self._header(p["file"]).get(p["name"])
+        if h is None or tuple(h["shape"]) != pbox[1]:
+            raise CheckpointError(f"{os.path.join(self.path, p['file'])}: piece {p['name']} of {key} is "
+                                  f"{'missing' if h is None else 'of shape ' + str(h['shape'])}")
+        try:
+            return read_slice(os.path.join(self.path, p["file"]), p["name"], slices(common, pbox[0]))
+        except Exception as err:
+            raise CheckpointError(f"{os.path.join(self.path, p['file'])}: cannot read {p['name']}: {err}") from None
