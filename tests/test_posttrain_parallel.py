@@ -1,4 +1,5 @@
-"""MPO under LLM tensor, pipeline and head parallelism (gloo, 2 processes) equals one process.
+"""MPO under LLM tensor (with and without sequence parallelism), pipeline (1F1B and interleaved)
+and head parallelism (gloo, 2 processes) equals one process.
 
 One spawn runs every layout in turn. Each rank computes the single-process reference itself
 (``MPOLocalRunner``) and the parallel runner's result from the same initial weights and pairs,
@@ -18,7 +19,9 @@ from dist_utils import run_distributed
 
 LAYOUTS = {
     "llm_tp2": ({"llm": {"tp": 2}}, 1),
-    "llm_pp2": ({"llm": {"pp": 2, "microbatches": 2}}, 2),
+    "llm_tp2_sp": ({"llm": {"tp": 2, "sp": True}}, 1),
+    "llm_pp2": ({"llm": {"pp": 2}}, 2),
+    "llm_pp2_vpp2": ({"llm": {"pp": 2, "vpp": 2}}, 2),
     "llm_hp2": ({"llm": {"hp": 2}}, 1),
 }
 METRICS = ("loss", "mpo/dpo", "mpo/bco", "mpo/lm", "rewards/chosen", "rewards/rejected", "rewards/accuracy",
