@@ -288,6 +288,9 @@ def test_78b_on_one_node_fails_with_one_clear_message(capsys):
     assert main(base) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "world size 8 is not divisible by parallel.llm.tp*pp*hp=8*8*1=64" in lines[0]
+    plan = make_plan(load_config(os.path.join(ROOT, "examples/configs/pretrain_78b.yaml")), 1, 8, H100)
+    assert plan.layout is None and plan.total_params == analytic_param_count(PRESETS["internvl3-78b"])["total"]
+    assert plan_dict(plan)["total_params"] == plan.total_params and plan_dict(plan)["max_rank_memory_gb"] is None
     # a layout that is valid for 8 GPUs but does not fit their memory
     assert main(base + ["--set", "parallel.llm.pp=1", "--set", "parallel.llm.vpp=1", "--set",
                         "parallel.llm.microbatches=1", "--set", "train.global_batch=8", "--json"]) == 1

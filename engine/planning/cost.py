@@ -14,6 +14,7 @@ bound. MFU = model FLOPs (3x forward, no recomputation) / (step time x GPUs x bf
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.config import Config
@@ -182,7 +183,7 @@ def step_cost(cfg: Config, stages: list[StageShards], layout: Layout, work: Work
     # ---- ViT
     tiles = layout.vit_tiles(cfg, work)
     vg, va, vstem = vit_tile_flops(cfg)
-    P, vn, vn_s = vit_tile_tokens(cfg)
+    _, vn, _ = vit_tile_tokens(cfg)
     vit_train = not cfg.train.freeze_vit
     vf = (3.0 + fwd_factor) if vit_train else 1.0
     vfa = (3.5 + fwd_factor) if vit_train else 1.0
@@ -191,12 +192,13 @@ def step_cost(cfg: Config, stages: list[StageShards], layout: Layout, work: Work
     vit_traffic += WEIGHT_TRAFFIC * v.num_layers * vit_matrix_params(cfg)
     Y32, Y16 = vn * v.hidden_size * 4.0, vn * v.hidden_size * 2.0
     vsp = V.sp and V.tp > 1
-    if vsp:
-        vtp_layer = (3 + fwd_factor) * gather(Y32 + Y16, V.tp) if vit_train else gather(Y32 + Y16, V.tp)
-    else:
-        vtp_layer = (2 * all_reduce(Y32, V.tp) if vit_train else 0) + (1 + fwd_factor) * 2 * all_reduce(Y16, V.tp)
+    forwards = 1 + fwd_factor if vit_train else 1  # a frozen ViT runs forward once, no backward
+    if vsp:  # per forward: 2 all-gathers (fp32 norm outputs) + 2 reduce-scatters (bf16); backward the same
+        vtp_layer = (forwards + (1 if vit_train else 0)) * 2 * gather(Y32 + Y16, V.tp)
+    else:  # per forward: 2 all-reduces (bf16 row-parallel outputs); backward: 2 (fp32 norm-output gradients)
+        vtp_layer = forwards * 2 * all_reduce(Y16, V.tp) + (2 * all_reduce(Y32, V.tp) if vit_train else 0)
     Cl = vit_padded_hidden(cfg) // V.tp
-    vhp_layer = (3 + fwd_factor if vit_train else 1) * gather(vn * 4 * Cl * 2.0, V.hp)
+    vhp_layer = (forwards + (1 if vit_train else 0)) * gather(vn * 4 * Cl * 2.0, V.hp)  # q, k, v, out
     bytes_["vit.tp"] = tiles * v.num_layers * vtp_layer
     bytes_["vit.hp"] = tiles * v.num_layers * vhp_layer
     vit_s = (vit_flops / peak + vit_traffic / hbm + bytes_["vit.tp"] / _link(gpu, spans["vit.tp"])
@@ -205,7 +207,9 @@ def step_cost(cfg: Config, stages: list[StageShards], layout: Layout, work: Work
     # ---- ViT -> LLM exchange (bf16 embeddings), forward and backward
     E = m.num_image_token * c.hidden_size * 2.0
     tiles_replica = M * work.tiles_per_microbatch(cfg)
-    send = tiles * E * L.tp * L.hp  # every consumer of a replica needs all its tiles
+    # every consumer (llm tp x hp ranks of a replica's first stage) needs all the replica's tiles; the
+    # vit tp x hp members of a ViT rank hold the same tiles and share the sending
+    send = tiles * E * math.ceil(L.tp * L.hp / (V.tp * V.hp))
     recv = tiles_replica * E
     bytes_["exchange"] = 2 * max(send, recv)
     exchange_s = bytes_["exchange"] / _link(gpu, spans["world"])

@@ -155,7 +155,7 @@ def stage_memory(cfg: Config, sh: StageShards, layout: Layout, work: Workload,
 
     tiles = layout.vit_tiles(cfg, work)
     S, M = work.tokens, L.microbatches
-    vit_copies = 2 * (P["vit"] + P["projector"])
+    vit_copies = 2 * ((0 if freeze else P["vit"]) + P["projector"])  # autocast caches casts of trainable weights
     vit_layer = tiles * vit_layer_bytes_per_tile(cfg, backend)
     stem = tiles * vit_stem_bytes_per_tile(cfg) - (tiles * 3 * m.vision.image_size**2 * 2 if freeze else 0)
     tiles_replica = math.ceil(M * work.tiles_per_microbatch(cfg))
@@ -180,7 +180,7 @@ def stage_memory(cfg: Config, sh: StageShards, layout: Layout, work: Workload,
         activations[f"vit_{key}"] = vit_saved(ckpt)
     ckpt = ckpt_cfg
     vsaved = vit_saved(ckpt)
-    vheld = 0 if ckpt or freeze else vit_copies  # bf16 weight copies saved by the ViT graph
+    vheld = 0 if ckpt else vit_copies  # bf16 weight copies saved by the ViT graph until its backward
     inflight, llm_transient = llm_peak(ckpt)
     vit_transient = vit_layer + (2 * vit_matrix_params(cfg) if ckpt else 0)
     parts = {

@@ -73,6 +73,8 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: GPU, margin: flo
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"--margin={margin} must be in [0, 1)")
     plan = Plan(cfg, nodes, gpus_per_node, gpu, margin)
+    model = build_meta_model(cfg)
+    plan.total_params = sum(p.numel() for p in model.parameters())
     problem = _config_problem(cfg, plan.world)
     if problem:
         plan.problems.append(problem)
@@ -88,19 +90,21 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: GPU, margin: flo
             plan.notes.append(f"{key} groups span nodes: the Ulysses all-to-alls run over the network")
     plan.workload = Workload.of(cfg, visual_share)
     plan.layout = Layout.of(cfg, plan.world)
-    model = build_meta_model(cfg)
     plan.stages = [stage_shards(model, cfg, p) for p in range(cfg.parallel.llm.pp)]
     plan.memory = [stage_memory(cfg, s, plan.layout, plan.workload, backend) for s in plan.stages]
     plan.cost = step_cost(cfg, plan.stages, plan.layout, plan.workload, gpu, spans, backend)
+    # all ranks' unique parameters: one tp group's shards per stage, padding and kv replicas removed
     first = plan.stages[0]
-    plan.total_params = (first.unique("vision_model.", cfg.parallel.vit.tp) + first.unique("projector.", 1)
-                         + sum(s.unique("language_model.", cfg.parallel.llm.tp) for s in plan.stages))
-    for mem in plan.memory:
-        if mem.peak > plan.usable_bytes:
-            top = sorted(mem.breakdown.items(), key=lambda kv: -kv[1])[:3]
-            parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in top)
-            plan.problems.append(
-                f"pipeline stage {mem.stage} needs {mem.peak / GIB:.1f} GiB at its {mem.peak_phase.replace('_', ' ')} "
-                f"peak ({parts} GiB, + {RUNTIME_RESERVE_GIB} runtime) but a {gpu.name} has "
-                f"{plan.usable_bytes / GIB:.1f} GiB usable ({gpu.memory_gib} GiB less a {margin:.0%} margin)")
+    plan.total_params = (first.unique("vision_model.") + first.unique("projector.")
+                         + sum(s.unique("language_model.") for s in plan.stages))
+    over = [m for m in plan.memory if m.peak > plan.usable_bytes]
+    if over:
+        mem = max(over, key=lambda m: m.peak)
+        top = sorted(mem.breakdown.items(), key=lambda kv: -kv[1])[:3]
+        parts = ", ".join(f"{k} {v / GIB:.1f}" for k, v in top)
+        others = f" ({len(over)} of {len(plan.memory)} stages do not fit)" if len(over) > 1 else ""
+        plan.problems.append(
+            f"pipeline stage {mem.stage} needs {mem.peak / GIB:.1f} GiB at its {mem.peak_phase.replace('_', ' ')} "
+            f"peak ({parts} GiB, + {RUNTIME_RESERVE_GIB} runtime) but each {gpu.name} has "
+            f"{plan.usable_bytes / GIB:.1f} GiB usable ({gpu.memory_gib} GiB less a {margin:.0%} margin){others}")
     return plan

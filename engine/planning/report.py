@@ -66,6 +66,7 @@ def plan_dict(plan: Plan) -> dict:
                      "vit": {"tp": V.tp, "hp": V.hp, "sp": V.sp}, "zero1": cfg.parallel.zero1,
                      "activation_checkpointing": cfg.train.activation_checkpointing},
         "total_params": plan.total_params,
+        "max_rank_memory_gb": None,  # no layout, no estimate (see "problems")
     }
     if plan.layout is None:
         return out
@@ -93,9 +94,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     last = len(headers) - 1
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        cols = (c.ljust(w) if i in (0, last) else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(cols).rstrip()
 
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
 def plan_text(plan: Plan) -> str:
@@ -118,9 +120,9 @@ def plan_text(plan: Plan) -> str:
                f"{w['tiles_per_step']} per step, {w['tiles_per_vit_rank']} per ViT rank; samples of "
                f"{work.span} tokens (causal attention)")
     first = plan.stages[0]
-    out.append(f"Parameters: {plan.total_params:,} (ViT {_b(first.unique('vision_model.', V.tp))}, projector "
-               f"{_b(first.unique('projector.', 1))}, LLM "
-               f"{_b(sum(s.unique('language_model.', L.tp) for s in plan.stages))})")
+    out.append(f"Parameters: {plan.total_params:,} (ViT {_b(first.unique('vision_model.'))}, projector "
+               f"{_b(first.unique('projector.'))}, LLM "
+               f"{_b(sum(s.unique('language_model.') for s in plan.stages))})")
     out.append("")
     out.append("Per rank, GiB (every rank of a pipeline stage is alike; activations: LLM / ViT, full | checkpointed)")
     rows = []

@@ -113,7 +113,7 @@ class StageShards:
     def count(self, prefix: str) -> int:
         return sum(t.numel() for n, t in self.params.items() if n.startswith(prefix))
 
-    def unique(self, prefix: str, tp: int) -> int:
+    def unique(self, prefix: str) -> int:
         """Elements of the full (unpadded) tensors this stage's tp group holds between them."""
         total = 0
         for n, t in self.params.items():
