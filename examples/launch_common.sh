@@ -9,11 +9,13 @@
 #   GPUS_PER_NODE  processes per node (default: SLURM_GPUS_ON_NODE, else the visible GPUs, else 8)
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   TORCHRUN       torchrun executable (default: torchrun)
+#   TRAINER_MODULE the Python module torchrun runs (default: engine.train)
 #   DRY_RUN=1      print the command instead of running it
 # Arguments given to a script are passed on to the trainer (e.g. --set train.steps=100).
 
 ENGINE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCHRUN="${TORCHRUN:-torchrun}"
+TRAINER_MODULE="${TRAINER_MODULE:-engine.train}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RESUME="${RESUME:-auto}"
 
@@ -37,13 +39,14 @@ gpus_per_node() {
     fi
 }
 
-# trainer_args CONFIG [ARGS...]: the engine.train arguments, in the array TRAINER_ARGS.
+# trainer_args CONFIG [ARGS...]: the trainer's arguments, in the array TRAINER_ARGS
+# (-m TRAINER_MODULE --config ... --set ...).
 trainer_args() {
     local config="$1"
     shift
     local name
     name="$(basename "$config" .yaml)"
-    TRAINER_ARGS=(-m engine.train --config "$ENGINE_DIR/$config"
+    TRAINER_ARGS=(-m "$TRAINER_MODULE" --config "$ENGINE_DIR/$config"
         --set "run.dir=${RUN_DIR:-$ENGINE_DIR/runs/$name}"
         --set "train.resume=$RESUME")
     if [[ -n "${DATA_META:-}" ]]; then TRAINER_ARGS+=(--set "data.meta_path=$DATA_META"); fi

@@ -166,6 +166,16 @@ def test_long_node_list(fake_slurm, tmp_path):
     assert f"--rdzv-endpoint={HOSTS[0]}:29500" in shlex.split(out.stdout)
 
 
+def test_trainer_module_variable(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DRY_RUN="1", GPUS_PER_NODE="4", TRAINER_MODULE="engine.posttrain.train")
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "sft_8b.sh")], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cmd = shlex.split(out.stdout)
+    assert cmd[cmd.index("-m") + 1] == "engine.posttrain.train" and "--nproc-per-node=4" in cmd
+
+
 def test_slurm_script_needs_an_allocation(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["DRY_RUN"] = "1"
