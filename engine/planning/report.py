@@ -126,13 +126,13 @@ def plan_text(plan: Plan) -> str:
     out.append("")
     out.append("Per rank, GiB (every rank of a pipeline stage is alike; activations: LLM / ViT, full | checkpointed)")
     rows = []
-    for r in d["stages"]:
+    for r, mem in zip(d["stages"], plan.memory):
         mg, p, a = r["memory_gib"], r["params"], r["memory_gib"]["activations"]
         rows.append([str(r["stage"]), str(r["ranks"]), ",".join(r["llm_layers"]), _b(p["vit"]), _b(p["projector"]),
                      _b(p["llm"]), f"{mg['weights']:.1f}", f"{mg['grads']:.1f}", f"{mg['optimizer']:.1f}",
                      f"{a['llm_full']:.1f} | {a['llm_checkpointed']:.1f}",
                      f"{a['vit_full']:.1f} | {a['vit_checkpointed']:.1f}",
-                     mg["peak_phase"].replace("_", " "), f"{mg['peak']:.1f}"])
+                     mg["peak_phase"].replace("_", " "), f"{mem.peak / GIB:.1f}"])
     out.append(_table(["stage", "ranks", "layers", "ViT", "proj", "LLM", "weights", "grads", "optim",
                        "act LLM", "act ViT", "peak at", "peak"], rows))
     opt = ("ZeRO-1: fp32 master + 2 moments of the owned slice, 12 B/element" if cfg.parallel.zero1
