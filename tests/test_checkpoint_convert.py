@@ -186,7 +186,7 @@ def test_dtype_cast_and_sharded_transformers_output(converted, tmp_path):
         assert t.dtype == torch.bfloat16 and torch.equal(t, hf.state_dict()[name].bfloat16()), name
 
 
-def test_mismatched_shapes_and_bad_inputs_are_refused(converted, tmp_path):
+def test_mismatched_shapes_and_bad_inputs_are_refused(converted, tmp_path, capsys):
     hf, tmp, _ = converted
     from safetensors.torch import load_file, save_file
 
@@ -209,14 +209,16 @@ def test_mismatched_shapes_and_bad_inputs_are_refused(converted, tmp_path):
     with pytest.raises(CheckpointError, match=r"missing tensors: language_model\.model\.layers\.1\.mlp\.up_proj"):
         to_engine(str(bad), str(tmp_path / "out"), cfg, out=lambda s: None)
 
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--input",
-                           str(tmp / "hf"), "--output", str(tmp_path / "y"), "--to", "engine", "--set",
-                           "parallel.llm.tp=3"], capture_output=True, text=True)
-    assert proc.returncode == 2 and "parallel.llm.tp=3 must divide model.llm.num_heads=4" in proc.stderr
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py"), "--input",
-                           str(tmp / "hf"), "--output", str(tmp / "engine"), "--to", "engine"],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2 and "exists and is not empty" in proc.stderr
+    from tools.convert_checkpoint import main
+
+    args = ["--input", str(tmp / "hf"), "--to", "engine"]
+    assert main(args + ["--output", str(tmp_path / "y"), "--set", "parallel.llm.tp=3"]) == 2
+    assert "parallel.llm.tp=3 must divide model.llm.num_heads=4" in capsys.readouterr().err
+    assert main(args + ["--output", str(tmp / "engine")]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["--input", str(tmp / "hf"), "--output", str(tmp_path / "z"), "--to", "hf"]) == 2
+    assert "is a hf directory, not an engine checkpoint" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "y") and not os.path.exists(tmp_path / "z")
 
 
 def test_target_pieces_cover_each_tensor_once(converted):

@@ -17,6 +17,8 @@ def test_save_latest_keep_last(tmp_path):
     m.save(3, {"x": torch.tensor([33])})  # the same step again replaces it in place
     assert m.load_rank(m.latest(), 0)["x"].item() == 33
     assert sorted(os.listdir(tmp_path / "ck")) == ["latest", "step_00000002", "step_00000003"]
+    os.replace(tmp_path / "ck" / "step_00000003", tmp_path / "ck" / ".old-step_00000003")  # killed mid-replace
+    assert m.latest().endswith(".old-step_00000003") and m.load_rank(m.latest(), 0)["x"].item() == 33
 
 
 def test_incomplete_and_corrupt_are_named(tmp_path):

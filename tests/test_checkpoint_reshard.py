@@ -114,7 +114,7 @@ def runs(synthetic_data, config, tmp_path_factory):
     ckpt = str(tmp / "w4" / "checkpoints" / f"step_{SAVE_AT:08d}")
     w2 = run_distributed(train, 2, config, overrides(synthetic_data, str(tmp / "w2"), W2), ckpt, timeout=420)
     w1 = run_distributed(train, 1, config, overrides(synthetic_data, str(tmp / "w1"), []), ckpt, timeout=300)
-    return {"ref": ref, "w4": w4, "w2": w2, "w1": w1}
+    return {"ref": ref, "w4": w4, "w2": w2, "w1": w1, "dirs": {"w4": str(tmp / "w4"), "w2": str(tmp / "w2")}}
 
 
 def assert_close(got, want, what: str, tol: float = 1e-4) -> None:
@@ -143,3 +143,20 @@ def test_resume_under_another_layout_is_exact(runs, name):
     cont = got["history"]
     assert_close(cont, runs["ref"]["history"][SAVE_AT:], f"{name} resumed vs uninterrupted one process")
     assert_close(cont, runs["w4"][0]["history"][SAVE_AT:], f"{name} resumed vs uninterrupted world 4")
+
+
+@pytest.mark.parametrize("name,world,layout", [("w4", 4, W4), ("w2", 2, W2)])
+def test_live_ranks_store_the_pieces_the_offline_plan_predicts(runs, config, synthetic_data, name, world, layout):
+    from engine.checkpoint import CheckpointManager, CheckpointReader
+    from engine.checkpoint.plan import target_pieces
+    from engine.config import load_config
+
+    cfg = load_config(config, overrides(synthetic_data, "unused", layout))
+    reader = CheckpointReader(CheckpointManager(os.path.join(runs["dirs"][name], "checkpoints")).latest())
+    files = {p["file"] for e in reader.tensors.values() for p in e["pieces"]}
+    assert files == {f"rank_{r:05d}.safetensors" for r in range(world)}
+    for key in reader.keys("model/"):
+        live = sorted((p["file"], tuple(p["offsets"]), tuple(p["sizes"])) for p in reader.tensors[key]["pieces"])
+        plan = sorted((f"rank_{r:05d}.safetensors", b[0], b[1])
+                      for r, b in target_pieces(key[len("model/"):], reader.shape(key), cfg, world))
+        assert live == plan, key

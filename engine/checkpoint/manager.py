@@ -122,6 +122,10 @@ class CheckpointManager:
         with open(marker) as f:
             name = f.read().strip()
         path = os.path.join(self.root, name)
+        old = os.path.join(self.root, ".old-" + name)
+        if not os.path.isdir(path) and os.path.isdir(old):  # killed while replacing a save of the same step
+            log.warning("%s is being replaced; using its previous copy %s", path, old)
+            return old
         if not os.path.isdir(path):
             raise CheckpointError(f"{marker} names {name!r}, which does not exist in {self.root}")
         return path
