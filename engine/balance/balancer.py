@@ -4,7 +4,8 @@ ViT: tiles are independent, so every ViT rank gets ``floor`` or ``ceil`` of ``ti
 tiles stay on a ViT rank of the LLM dp group that consumes them where its quota allows, and only the
 surplus crosses groups (as contiguous tile ranges).
 
-LLM: with per-sample cost ``c_i`` (``CostModel.sample_cost``) a dp rank takes
+LLM: with per-sample cost ``c_i`` (``CostModel.sample_cost`` plus the sample's share of a full row's
+per-row terms) a dp rank takes
 ``S_d + (pp - 1) * M_d`` (sum and largest of its microbatches, 1F1B). Samples are partitioned over dp
 ranks by LPT plus move/swap refinement of the heaviest rank, then over each rank's microbatches the
 same way, then (pipeline only) the heaviest rank trades samples with the others on that objective;
@@ -32,7 +33,8 @@ def balance(samples: Sequence[SampleShape], layout: Layout, cost: CostModel | No
     dp, m = layout.llm_dp, layout.microbatches
     _check_count(len(samples), layout)
     c = np.asarray(cost.sample_cost(tokens), dtype=np.float64).reshape(-1)
-    c = c + cost.llm_per_row * tokens / layout.max_packed_tokens  # rows' share, as a row fills
+    cap = layout.max_packed_tokens
+    c = c + (cost.llm_per_row / cap + cost.llm_per_row_sq * cap) * tokens  # its share of a full row's terms
     key = np.random.default_rng(seed).random(len(c))
     order = np.lexsort((key, -c))  # heaviest first, ties in seeded random order
 
@@ -83,6 +85,15 @@ def naive(samples: Sequence[SampleShape], layout: Layout, cost: CostModel | None
         for v, part in zip(ranks, np.array_split(mine, len(ranks))):
             vit[v] += [(int(s), 0, int(tiles[s])) for s in part if tiles[s] > 0]
     return _predict("naive", llm, vit, tiles, tokens, layout, cost)
+
+
+def evaluate(method: str, llm: list[list[list[list[int]]]], vit: list[list[TileRange]],
+             samples: Sequence[SampleShape], layout: Layout, cost: CostModel | None = None) -> Assignment:
+    """Predicted times of a given placement (e.g. the one a runner made without the balancer)."""
+    tiles, tokens = sample_arrays(samples, layout)
+    a = _predict(method, llm, vit, tiles, tokens, layout, cost or CostModel())
+    a.check(tiles, tokens, layout)
+    return a
 
 
 # ---------------------------------------------------------------------- helpers
@@ -234,7 +245,9 @@ def _predict(method: str, llm: list[list[list[list[int]]]], vit: list[list[TileR
     gpus = layout.llm_tp * layout.llm_pp
     pp = layout.llm_pp
     sc = np.asarray(cost.sample_cost(tokens), dtype=np.float64).reshape(-1).tolist()
-    mb_time = [[(sum(sc[s] for row in mb for s in row) + cost.llm_per_row * len(mb)) / gpus for mb in mbs]
+    tok = tokens.tolist()
+    mb_time = [[(sum(sc[s] for row in mb for s in row) + cost.llm_per_row * len(mb)
+                 + cost.llm_per_row_sq * sum(sum(tok[s] for s in row) ** 2 for row in mb)) / gpus for mb in mbs]
                for mbs in llm]
     llm_time = [sum(t) + (pp - 1) * max(t) for t in mb_time]
     vit_tiles = [sum(b - a for _, a, b in ranges) for ranges in vit]

@@ -4,8 +4,10 @@ All compute coefficients are GPU-seconds of forward plus backward for the whole 
 a module split over ``g`` GPUs (tensor or pipeline parallel) is modelled as taking ``1/g`` of that.
 
 - ViT: a fixed cost per 448x448 tile (every tile has the same 1025 tokens), plus a per-rank constant.
-- LLM: per packed row, ``a * tokens + b * sum(len_i^2) + c``: linear layers scale with tokens,
-  attention is computed inside each sample (varlen), so it is quadratic in each sample's length.
+- LLM: per packed row, ``a * tokens + b * sum(len_i^2) + c + e * tokens^2``: linear layers scale with
+  tokens, varlen attention (flash-attn) is quadratic in each sample's length; a dense attention backend
+  with a block-diagonal mask (PyTorch SDPA, the CPU path) costs ``e * tokens^2`` over the whole row
+  instead (``e = 0`` for varlen kernels; the calibration finds which applies).
 - Exchange: moving a visual embedding costs ``bytes / bandwidth + latency`` per message.
 
 The default coefficients are estimates, not measurements: InternVL3-8B (InternViT-300M + Qwen2.5-7B)
@@ -36,6 +38,7 @@ class CostModel:
     llm_per_token: float = 1.14e-4  # GPU-seconds per token in a packed row
     llm_per_token_sq: float = 1.5e-9  # GPU-seconds per (sample length)^2
     llm_per_row: float = 0.0  # GPU-seconds per packed row
+    llm_per_row_sq: float = 0.0  # GPU-seconds per (row tokens)^2: dense masked attention over a row
     exchange_bandwidth: float = 25e9  # bytes/s per GPU between data-parallel groups
     exchange_latency: float = 2e-5  # seconds per message
     exchange_bytes_per_token: int = 7168  # projected visual token: hidden 3584 x bf16
@@ -57,7 +60,7 @@ class CostModel:
         return self.vit_fixed + self.vit_per_tile * tiles / gpus
 
     def sample_cost(self, tokens: int | np.ndarray) -> float | np.ndarray:
-        """GPU-seconds of one sample of ``tokens`` LLM tokens inside a packed row (row term excluded)."""
+        """GPU-seconds of one sample of ``tokens`` LLM tokens inside a packed row (row terms excluded)."""
         t = np.asarray(tokens, dtype=np.float64)
         cost = self.llm_per_token * t + self.llm_per_token_sq * t * t
         return float(cost) if cost.ndim == 0 else cost
@@ -65,7 +68,8 @@ class CostModel:
     def row_cost(self, lengths: Sequence[int]) -> float:
         """GPU-seconds of one packed row holding samples of the given lengths."""
         t = np.asarray(lengths, dtype=np.float64)
-        return float(self.llm_per_row + self.llm_per_token * t.sum() + self.llm_per_token_sq * (t * t).sum())
+        return float(self.llm_per_row + self.llm_per_token * t.sum() + self.llm_per_token_sq * (t * t).sum()
+                     + self.llm_per_row_sq * t.sum() ** 2)
 
     def exchange_time(self, nbytes: float, messages: int = 1, gpus: int = 1) -> float:
         """Seconds to move ``nbytes`` in ``messages`` messages through ``gpus`` GPUs in parallel."""
@@ -136,7 +140,7 @@ def _check_seconds(seconds: float, i: int, what: str) -> float:
 
 
 def fit_llm(measurements: Sequence[tuple[Sequence[int], float]]) -> dict[str, float]:
-    """Fit ``llm_per_token``, ``llm_per_token_sq``, ``llm_per_row`` (all >= 0) to timed rows.
+    """Fit ``llm_per_token``, ``llm_per_token_sq``, ``llm_per_row``, ``llm_per_row_sq`` (all >= 0) to timed rows.
 
     Each measurement is ``(sample lengths in the row, seconds)``; seconds are GPU-seconds, i.e. the
     time measured on ``g`` GPUs times ``g``. Returns the fields to pass to ``dataclasses.replace``.
@@ -148,10 +152,11 @@ def fit_llm(measurements: Sequence[tuple[Sequence[int], float]]) -> dict[str, fl
         t = np.asarray(list(lengths), dtype=np.float64)
         if t.ndim != 1 or t.size == 0 or np.any(t <= 0):
             raise ValueError(f"LLM measurement {i}: sample lengths {list(lengths)!r} must be positive")
-        rows.append([t.sum(), (t * t).sum(), 1.0])
+        rows.append([t.sum(), (t * t).sum(), 1.0, t.sum() ** 2])
         y.append(_check_seconds(seconds, i, "LLM"))
     x = nnls(np.array(rows), np.array(y))
-    return {"llm_per_token": float(x[0]), "llm_per_token_sq": float(x[1]), "llm_per_row": float(x[2])}
+    return {"llm_per_token": float(x[0]), "llm_per_token_sq": float(x[1]), "llm_per_row": float(x[2]),
+            "llm_per_row_sq": float(x[3])}
 
 
 def fit_vit(measurements: Sequence[tuple[int, float]]) -> dict[str, float]:

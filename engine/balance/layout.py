@@ -61,9 +61,14 @@ class Layout:
 
     @classmethod
     def from_config(cls, cfg: Any, world: int) -> "Layout":
-        """Layout from the engine config (``cfg.parallel``, ``cfg.data``, ``cfg.model``) for ``world`` GPUs."""
+        """Layout from the engine config (``cfg.parallel``, ``cfg.data``, ``cfg.model``) for ``world`` GPUs.
+
+        Head parallelism splits a replica's work like tensor parallelism (the engine's grids order ranks
+        tp, hp, dp, pp), so ``llm_tp = tp * hp`` and ``vit_tp = tp * hp`` of each module.
+        """
         llm, vit = cfg.parallel.llm, cfg.parallel.vit
-        return cls(world=world, llm_tp=llm.tp, llm_pp=llm.pp, vit_tp=vit.tp, microbatches=llm.microbatches,
+        return cls(world=world, llm_tp=llm.tp * getattr(llm, "hp", 1), llm_pp=llm.pp,
+                   vit_tp=vit.tp * getattr(vit, "hp", 1), microbatches=llm.microbatches,
                    max_packed_tokens=cfg.data.max_packed_tokens, num_image_token=cfg.model.num_image_token)
 
 

@@ -19,6 +19,7 @@ ranks tiles travel in increasing tile number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -69,7 +70,6 @@ class ExchangePlan:
         vit = split_contiguous(range(total), topology.vit.size("dp"))
         llm = [[[t for s in mb for t in ids[s]] for mb in rep] for rep in llm_assignment]
         return cls(total, vit, llm)
-
 
     @classmethod
     def from_ranges(cls, sample_tiles: Sequence[int], vit_ranges: Sequence[Sequence[tuple[int, int, int]]],
@@ -122,6 +122,7 @@ class VisualExchange:
     def __init__(self, topology: Topology, group: Optional[dist.ProcessGroup] = None):
         self.topo = topology
         self.group = group
+        self.sent_bytes = 0  # to other ranks in the last ``forward`` and its backward
         llm, vit = topology.llm, topology.vit
         self.world = llm.world
         self.rank = llm.rank
@@ -201,6 +202,9 @@ class VisualExchange:
         if local_vit_out.shape[0] != n:
             raise ValueError(f"ViT rank {self.vit_rank()} encoded {local_vit_out.shape[0]} tiles; the plan gives it {n}")
         fwd, bwd = self.routes(plan)
+        row = math.prod(local_vit_out.shape[1:]) * local_vit_out.element_size()
+        rows = sum(len(r) for route in (fwd, bwd) for k, r in enumerate(route.send_rows) if k != self.rank)
+        self.sent_bytes = row * rows
         return _Exchange.apply(local_vit_out, fwd, bwd, self.group)
 
     def local_pixels(self, plan: ExchangePlan, sample_pixels: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:

@@ -1,15 +1,26 @@
 """``ParallelRunner``: one optimisation step on any layout, with ``LocalRunner``'s interface.
 
 Every rank holds the same global list of samples. Per step:
-1. samples split contiguously over the LLM data-parallel replicas, each share split again into
-   ``parallel.llm.microbatches`` microbatches, each packed (rows padded to the token-split multiple);
-2. W = the token weights of the whole global batch (summed over the replicas before any forward);
+1. placement (``engine.balance.placement``): with ``balance.enabled`` the balancer assigns samples
+   to the LLM data-parallel replicas, their ``parallel.llm.microbatches`` microbatches and packed
+   rows, and tiles to the ViT data-parallel ranks; otherwise samples split contiguously over the
+   replicas and microbatches and tiles contiguously over the ViT ranks. Every rank computes the same
+   placement from the same samples (seeded by ``train.seed`` and the step's first sample index), so
+   nothing is broadcast; a checksum gathered after the step proves it. Each microbatch is packed
+   (rows padded to the token-split multiple);
+2. W = the token weights of the whole global batch (summed over the replicas before any forward),
+   so where a sample is placed does not change the loss or the gradients;
 3. ViT: each ViT data-parallel rank encodes its tiles of the ``ExchangePlan``, the embeddings go
    to the first pipeline stage of the replica that consumes them (``VisualExchange``);
 4. LLM: the pipeline schedule (1F1B, or interleaved with ``vpp > 1``); microbatch loss sum(w*ce)/W;
 5. the exchange and the ViT run backward from the gradients of the embeddings;
 6. partial gradients are summed over their model-parallel groups, then over data parallelism,
    each module over its own grid.
+
+Step statistics ``balance/*``: predicted max/mean imbalance of the placement (cost model) and the
+measured one (compute time of the ViT forward+backward and of the LLM pipeline without its
+communication, per rank, averaged over the ranks of each ViT rank / LLM replica), bytes the exchange
+moved between ranks, the placement's time, and how many samples and tiles it moved off the naive split.
 """
 
 from __future__ import annotations
@@ -17,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import logging
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -25,6 +37,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from engine.balance.cost import CostModel
+from engine.balance.layout import Layout
+from engine.balance.measure import ComputeClock, group_imbalance
+from engine.balance.placement import Placement, moved, place, sample_shapes
 from engine.config import Config, ConfigError
 from engine.data.batch import Sample
 from engine.data.packing import first_fit
@@ -37,7 +53,9 @@ from engine.parallel.pipeline import PipelineExecutor, build_program, rank_layer
 from engine.parallel.tensor_parallel import shard_info
 from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
-from engine.step import autocast_context, pack, split_contiguous
+from engine.step import autocast_context, pack
+
+log = logging.getLogger("engine.balance")
 
 
 @dataclass
@@ -77,6 +95,30 @@ class LLMStages:
 
     def recv_shape(self, chunk: int, microbatch: int) -> tuple[int, ...]:
         return self.mbs[microbatch].shape
+
+
+class TimedExecutor(PipelineExecutor):
+    """``PipelineExecutor`` that adds the time of its communication steps to ``clock``'s span ``"llm_comm"``."""
+
+    def __init__(self, *args, clock: ComputeClock, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+
+    def _communicate(self, comm, inbox, outbox, saved, stages) -> None:
+        with self.clock.span("llm_comm"):
+            super()._communicate(comm, inbox, outbox, saved, stages)
+
+
+def load_cost_model(cfg: Config, value_bytes: int = 4) -> CostModel:
+    """``balance.cost_file`` (from tools/calibrate_cost.py), else the defaults with this model's
+    embedding size (hidden x ``value_bytes``, the bytes of one exchanged value)."""
+    path = cfg.balance.cost_file
+    if path:
+        try:
+            return CostModel.load(path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"balance.cost_file={path!r}: {e}") from None
+    return CostModel(exchange_bytes_per_token=cfg.model.llm.hidden_size * value_bytes)
 
 
 def counted_once(p: torch.Tensor, grid: Grid) -> bool:
@@ -120,10 +162,19 @@ class ParallelRunner:
             lm.norm, lm.lm_head = None, None
         self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
-        self.executor = PipelineExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device)
+        self.clock = ComputeClock(device)
+        self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
+                                      clock=self.clock)
         if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
+        self.balance_layout = Layout.from_config(cfg, dist.get_world_size())
+        self.cost = load_cost_model(cfg, (autocast_dtype or torch.float32).itemsize)
+        self.last_placement: Optional[Placement] = None
+        if cfg.balance.enabled:
+            log.info("balance: enabled over %d LLM replicas x %d microbatches and %d ViT ranks; cost model %s",
+                     self.balance_layout.llm_dp, L.microbatches, self.balance_layout.vit_ranks,
+                     cfg.balance.cost_file or "defaults")
 
         vit_named = [(f"vision_model.{n}", p) for n, p in self.model.vision_model.named_parameters()]
         vit_named += [(f"projector.{n}", p) for n, p in self.model.projector.named_parameters()]
@@ -146,14 +197,19 @@ class ParallelRunner:
             self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
 
     # ------------------------------------------------------------------ one step
-    def _assignment(self, samples: Sequence[Sample]) -> list[list[list[int]]]:
-        """``[replica][microbatch]`` sample positions in packed order (``pack``'s first-fit rows)."""
-        M, cap = self.cfg.parallel.llm.microbatches, self.cfg.data.max_packed_tokens
-        out = []
-        for rep in split_contiguous(list(range(len(samples))), self.topo.llm.size("dp")):
-            mbs = split_contiguous(rep, M)
-            out.append([[g[k] for row in first_fit([samples[i].num_tokens for i in g], cap) for k in row] for g in mbs])
-        return out
+    def _place(self, samples: Sequence[Sample]) -> tuple[Placement, Placement]:
+        """(placement used this step, the naive placement), the same on every rank."""
+        shapes = sample_shapes([s.num_tokens for s in samples], [s.image_tiles for s in samples],
+                               self.cfg.model.num_image_token)
+        naive = place(shapes, self.balance_layout, first_fit, self.cost, balanced=False)
+        if not self.cfg.balance.enabled:
+            return naive, naive
+        seed = self.cfg.train.seed * 1_000_003 + (samples[0].index if samples else 0)
+        chosen = place(shapes, self.balance_layout, first_fit, self.cost, balanced=True, seed=seed % 2**63)
+        if chosen.method != "balanced":
+            log.warning("balance: %d samples cannot fill %d replicas x %d microbatches; naive split this step",
+                        len(samples), self.balance_layout.llm_dp, self.balance_layout.microbatches)
+        return chosen, naive
 
     def _pack(self, samples: Sequence[Sample], order: list[int], group: list[int]):
         """Pack one microbatch; its pixels travel through the exchange, so they are dropped here."""
@@ -168,11 +224,11 @@ class ParallelRunner:
 
     def forward_backward(self, samples: Sequence[Sample]) -> dict:
         cfg, llm, lm = self.cfg, self.topo.llm, self.model.language_model
-        assignment = self._assignment(samples)
+        placement, naive = self._place(samples)
+        self.last_placement = placement
+        order = placement.order()
         d = llm.coord("dp")
-        groups = split_contiguous(split_contiguous(list(range(len(samples))), llm.size("dp"))[d],
-                                  cfg.parallel.llm.microbatches)
-        batches = [self._pack(samples, order, g) for order, g in zip(assignment[d], groups)]
+        batches = [self._pack(samples, o, g) for o, g in zip(order[d], placement.groups[d])]
         local = [sum(float(b.loss_weights.double().sum()) for b in batches), sum(b.text_tokens for b in batches),
                  sum(b.visual_tokens for b in batches), sum(b.num_samples for b in batches)]
         totals = torch.tensor(local, dtype=torch.float64, device=self.device)
@@ -183,9 +239,14 @@ class ParallelRunner:
         if W <= 0:
             return stats
 
+        self.clock.reset()
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
-        plan = ExchangePlan.naive([s.num_tiles for s in samples], self.topo, assignment)
-        embeds = self._encode(plan, samples, autocast)
+        sample_tiles = [s.num_tiles for s in samples]
+        plan = ExchangePlan.from_ranges(sample_tiles, placement.vit, order)
+        with self.clock.span("vit"):
+            out = self._vit_forward(plan, samples, autocast)
+        vit_out = out.detach().requires_grad_(out.requires_grad)
+        embeds = self.exchange.forward(vit_out, plan)
         leaf = embeds.detach().requires_grad_(embeds.requires_grad)
         H, hidden = self.layout.llm.token_multiple, cfg.model.llm.hidden_size
         mbs = []
@@ -195,30 +256,60 @@ class ParallelRunner:
             mbs.append(Microbatch(shard_tokens(b, self.layout.llm), feats,
                                   (b.input_ids.shape[0], b.input_ids.shape[1] // H, hidden)))
         stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, W, autocast)
-        self.executor.run(self.program, stages)
+        with self.clock.span("llm"):
+            self.executor.run(self.program, stages)
         if embeds.requires_grad:  # collective: every rank runs the reverse exchange
             torch.autograd.backward(embeds, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+            if out.grad_fn is not None:
+                with self.clock.span("vit"):
+                    out.backward(vit_out.grad if vit_out.grad is not None else torch.zeros_like(out))
         self._reduce_grads()
 
         last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
-        loss = torch.tensor([stages.loss if last else 0.0], dtype=torch.float64, device=self.device)
-        dist.all_reduce(loss)
-        stats.update(loss=float(loss), text_tokens=int(text), visual_tokens=int(visual), samples=int(n),
-                     tokens=int(text + visual))
+        mine = [stages.loss if last else 0.0, self.clock.seconds("vit"),
+                self.clock.seconds("llm") - self.clock.seconds("llm_comm"), float(self.exchange.sent_bytes),
+                float(placement.checksum())]
+        gathered = self._gather_rows(mine)
+        if len(set(gathered[:, 4].tolist())) != 1:
+            raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "
+                               f"{gathered[:, 4].astype('int64').tolist()}); the balancer must be deterministic")
+        stats.update(loss=float(gathered[:, 0].sum()), text_tokens=int(text), visual_tokens=int(visual),
+                     samples=int(n), tokens=int(text + visual))
+        stats.update(self._balance_stats(placement, naive, gathered, sample_tiles))
         return stats
 
-    def _encode(self, plan: ExchangePlan, samples: Sequence[Sample], autocast) -> torch.Tensor:
-        """This ViT rank's tiles through ViT + projector, then the exchange to the LLM."""
+    def _gather_rows(self, values: list[float]):
+        """``[world, len(values)]`` float64 array of every rank's ``values`` (collective)."""
+        mine = torch.tensor(values, dtype=torch.float64, device=self.device)
+        rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, mine)
+        return torch.stack(rows).cpu().numpy()
+
+    def _balance_stats(self, placement: Placement, naive: Placement, gathered, sample_tiles: list[int]) -> dict:
+        L, V = self.cfg.parallel.llm, self.cfg.parallel.vit
+        ranks = range(dist.get_world_size())
+        llm_dp = self.topo.llm.size("dp")
+        replica = [(g // (L.tp * L.hp)) % llm_dp for g in ranks]  # LLM grid order tp, hp, dp, pp
+        vit_rank = [g // (V.tp * V.hp) for g in ranks]  # ViT grid order tp, hp, dp
+        moved_samples, moved_tiles = moved(placement, naive, sample_tiles)
+        a = placement.predicted
+        return {"balance/vit_imbalance_pred": a.vit_imbalance, "balance/llm_imbalance_pred": a.llm_imbalance,
+                "balance/vit_imbalance_meas": group_imbalance(gathered[:, 1], vit_rank),
+                "balance/llm_imbalance_meas": group_imbalance(gathered[:, 2], replica),
+                "balance/exchange_bytes": float(gathered[:, 3].sum()),
+                "balance/balancer_ms": placement.seconds * 1e3,
+                "balance/moved_samples": moved_samples, "balance/moved_tiles": moved_tiles}
+
+    def _vit_forward(self, plan: ExchangePlan, samples: Sequence[Sample], autocast) -> torch.Tensor:
+        """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
         pixels = self.exchange.local_pixels(plan, [s.pixel_values for s in samples]).to(self.device)
         dtype = self.autocast_dtype or torch.float32
         if pixels.shape[0]:
             with autocast():
-                out = self.model.extract_feature(pixels).to(dtype)
-        else:
-            m = self.cfg.model
-            out = torch.zeros(0, m.num_image_token, m.llm.hidden_size, dtype=dtype, device=self.device,
-                              requires_grad=self.vit_trainable)
-        return self.exchange.forward(out, plan)
+                return self.model.extract_feature(pixels).to(dtype)
+        m = self.cfg.model
+        return torch.zeros(0, m.num_image_token, m.llm.hidden_size, dtype=dtype, device=self.device,
+                           requires_grad=self.vit_trainable)
 
     def _reduce_grads(self) -> None:
         reduce_model_parallel_grads(self.model, self.topo, skip=("hp",))
