@@ -11,7 +11,6 @@ import torch
 
 from engine.config import ConfigError, config_from_dict
 from engine.data.loader import StepLoader
-from engine.data.tokenizer import load_tokenizer
 from engine.models.internvl import InternVLModel
 from engine.posttrain.config import MPOConfig, load_posttrain_config
 from engine.posttrain.losses import RewardShift, bco_pair_loss, dpo_loss, mpo_loss, pair_terms, summarize

@@ -128,11 +128,11 @@ def score_steps(model, tokenizer: Tokenizer, question: str, solutions: Sequence[
     where = (batch.targets != IGNORE_INDEX).reshape(-1).nonzero().flatten()
     logits = lm.lm_head(h.reshape(-1, h.shape[-1])[where]).float()
     p_plus = torch.softmax(logits[:, [plus_id, minus_id]], dim=-1)[:, 0].cpu().tolist()
-    # label positions come out in packed order: recover each sample's share from cu_seqlens
-    seg_of = torch.searchsorted(batch.cu_seqlens[1:].long().cpu(), where.cpu(), right=True).tolist()
-    rows = [r for r in _packed_order(samples, batch)]
-    for pos_seg, p in zip(seg_of, p_plus):
-        out[which[rows[pos_seg]]].append(p)
+    # label positions come in packed order: the segment of each gives its sample
+    segment = torch.searchsorted(batch.cu_seqlens[1:].long().cpu(), where.cpu(), right=True).tolist()
+    sample_of_segment = _packed_order(samples, batch)
+    for seg, p in zip(segment, p_plus):
+        out[which[sample_of_segment[seg]]].append(p)
     return out
 
 

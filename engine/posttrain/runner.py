@@ -302,7 +302,7 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
         llm = self.topo.llm
         P, V = llm.size("pp"), len(self.ranges)
         group, ranks = llm.group("pp"), llm.ranks("pp")
-        out = torch.zeros(len(pairs), 2, dtype=torch.float64)
+        out = torch.zeros(len(pairs), 2, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
         for m, (mb, mbp) in enumerate(zip(mbs, packed)):
             x = None
@@ -320,10 +320,10 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
                 if not last:
                     dist.send(h.float().contiguous(), ranks[(vs + 1) % P], group=group)
                 elif self._is_reporter():
-                    idx = torch.tensor(assignment[llm.coord("dp")][m], dtype=torch.long)
-                    out[idx] = logps.view(-1, 2).double().cpu()
+                    idx = torch.tensor(assignment[llm.coord("dp")][m], dtype=torch.long, device=self.device)
+                    out[idx] = logps.view(-1, 2).double()
         dist.all_reduce(out)
-        return out
+        return out.cpu()
 
     def forward_backward(self, pairs: Sequence[PreferencePair]) -> dict:
         if not pairs:
@@ -348,9 +348,9 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
         local += [float(sum(mb.batch.text_tokens for mb in packed)) if report else 0.0,
                   float(sum(mb.batch.visual_tokens for mb in packed)) if report else 0.0,
                   float(sum(mb.num_tiles for mb in packed)) if report else 0.0]
-        totals = torch.tensor(local, dtype=torch.float64)
+        totals = torch.tensor(local, dtype=torch.float64, device=self.device)
         dist.all_reduce(totals)
-        values = totals.tolist()
+        values = totals.cpu().tolist()
         sums = dict(zip(STAT_KEYS, values[:len(STAT_KEYS)]))
         counts = dict(zip(COUNT_KEYS, values[len(STAT_KEYS):]))
         return self._finish(sums, counts, len(pairs))
