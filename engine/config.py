@@ -133,6 +133,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
     activation_checkpointing: bool = False
     freeze_vit: bool = False
+    init_from: str = ""  # transformers `internvl` / `internvl_chat` directory with the initial weights
     log_interval: int = 1
     save_interval: int = 0  # 0 = only at the end
     keep_last: int = 2

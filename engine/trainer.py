@@ -87,12 +87,30 @@ def sync_token_ids(cfg: Config, tok) -> None:
                           f"model.llm.vocab_size={m.llm.vocab_size}")
 
 
+def load_initial_weights(model: InternVLModel, path: str) -> None:
+    """Copy the weights of a transformers checkpoint into ``model``; every shape must match."""
+    from engine.models.hf_adapter import load_pretrained
+
+    source = load_pretrained(path, dtype=torch.float32).state_dict()
+    own = model.state_dict()
+    bad = [f"{k} {tuple(own[k].shape)} vs {tuple(source[k].shape) if k in source else 'missing'}"
+           for k in own if k not in source or source[k].shape != own[k].shape]
+    bad += [f"{k} not in the configured model" for k in source if k not in own]
+    if bad:
+        raise ConfigError(f"train.init_from={path} does not match the configured model: {'; '.join(bad[:5])}"
+                          + (f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""))
+    model.load_state_dict(source)
+    log.info("initial weights from %s", path)
+
+
 def build_model(cfg: Config) -> InternVLModel:
     """The full single-process model, identical on every rank (same seed)."""
     from engine.models.kernel_select import configure_kernels
 
     torch.manual_seed(cfg.train.seed)
     model = InternVLModel(cfg.model)
+    if cfg.train.init_from:
+        load_initial_weights(model, cfg.train.init_from)
     configure_kernels(model, cfg.kernels)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.freeze_vit:

@@ -96,3 +96,21 @@ def test_bad_config_fails_before_training(tmp_path):
     assert proc.returncode == 2
     assert "parallel.llm.tp=3" in out and "num_heads" in out
     assert not os.path.exists(os.path.join(tmp_path, "metrics.jsonl"))
+
+
+def test_init_from_transformers_checkpoint(tmp_path):
+    from engine.config import ConfigError
+    from engine.models.internvl import InternVLModel
+    from engine.models.presets import preset_model_config
+    from engine.trainer import build_model
+
+    torch.manual_seed(3)
+    src = InternVLModel(preset_model_config("tiny"))
+    src.save_pretrained(str(tmp_path / "hf"))
+    cfg = load_config(os.path.join(ROOT, "examples/configs/tiny.yaml"), [f"train.init_from={tmp_path / 'hf'}"])
+    model = build_model(cfg)
+    for k, v in src.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    cfg.model.llm.num_layers = 2
+    with pytest.raises(ConfigError, match="train.init_from"):
+        build_model(cfg)
