@@ -1,8 +1,7 @@
 #!/bin/bash
 # InternVL3-78B Mixed Preference Optimization on 32 nodes x 8 H100s: sbatch examples/mpo_78b.sh
 # (submit from the repository root). Recipe and layout: examples/configs/mpo_78b.yaml.
-# Overridable: PREFERENCE_DATA, INIT, TOKENIZER, RUN_DIR, RESUME (see examples/launch_common.sh
-# and below); arguments go to the trainer. SIGUSR1 300 s before the time limit: save,
+# Overridable: PREFERENCE_DATA, INIT, TOKENIZER, RUN_DIR, RESUME (see examples/launch_common.sh); arguments go to the trainer. SIGUSR1 300 s before the time limit: save,
 # requeue, resume from the latest checkpoint (the precomputed reference log-probs are kept).
 #SBATCH --job-name=internvl3-78b-mpo
 #SBATCH --nodes=32
@@ -21,21 +20,12 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 [[ -f "$here/launch_common.sh" ]] || here="${SLURM_SUBMIT_DIR:-$PWD}/examples"
+TRAINER_MODULE="${TRAINER_MODULE:-engine.posttrain.train}"
 # shellcheck source=launch_common.sh
 source "$here/launch_common.sh"
 
-# launch_common.sh launches engine.train; MPO runs the post-training entry point, with two more
-# variables: PREFERENCE_DATA (posttrain.data) and INIT (posttrain.init).
-eval "_common_$(declare -f trainer_args)"
-trainer_args() {
-    local config="$1"
-    shift
-    local extra=()
-    if [[ -n "${PREFERENCE_DATA:-}" ]]; then extra+=(--set "posttrain.data=$PREFERENCE_DATA"); fi
-    if [[ -n "${INIT:-}" ]]; then extra+=(--set "posttrain.init=$INIT"); fi
-    _common_trainer_args "$config" "${extra[@]}" "$@"
-    # shellcheck disable=SC2034  # read by launch_common.sh
-    TRAINER_ARGS[1]=engine.posttrain.train
-}
-
-launch_slurm examples/configs/mpo_78b.yaml "$@"
+# MPO variables: PREFERENCE_DATA (posttrain.data), INIT (posttrain.init).
+mpo_args=()
+if [[ -n "${PREFERENCE_DATA:-}" ]]; then mpo_args+=(--set "posttrain.data=$PREFERENCE_DATA"); fi
+if [[ -n "${INIT:-}" ]]; then mpo_args+=(--set "posttrain.init=$INIT"); fi
+launch_slurm examples/configs/mpo_78b.yaml "${mpo_args[@]}" "$@"
