@@ -320,16 +320,21 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, _deep_update({}, data), base=base)
 
 
+def read_yaml(path: Optional[str]) -> dict:
+    """The top-level mapping of a YAML config file ({} for no file)."""
+    if not path:
+        return {}
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None, validate: bool = True) -> Config:
-    data: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    cfg = config_from_dict(data)
+    cfg = config_from_dict(read_yaml(path))
     for ov in overrides or []:
         apply_override(cfg, ov)
     if validate:

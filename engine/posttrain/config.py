@@ -26,7 +26,7 @@ from typing import Optional
 
 import yaml
 
-from engine.config import Config, ConfigError, _build, apply_override, config_from_dict, validate_config
+from engine.config import Config, ConfigError, _build, apply_override, config_from_dict, read_yaml, validate_config
 
 MODES = ("sft", "mpo", "prm")
 REFERENCE_MODES = ("model", "precomputed")
@@ -95,15 +95,7 @@ def posttrain_from_dict(data: Optional[dict]) -> PostTrainConfig:
 def load_posttrain_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
                           validate: bool = True) -> tuple[Config, PostTrainConfig]:
     """(engine Config, PostTrainConfig) from one YAML file and ``key=value`` overrides."""
-    data: dict = {}
-    if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping")
-    data = dict(data)
+    data = dict(read_yaml(path))
     pt = posttrain_from_dict(data.pop("posttrain", None))
     cfg = config_from_dict(data)
     for ov in overrides or []:
