@@ -326,3 +326,23 @@ def test_layout_from_engine_config():
     lay = Layout.from_config(cfg, world=8)
     assert (lay.llm_dp, lay.microbatches, lay.max_packed_tokens) == (2, 4, cfg.data.max_packed_tokens)
     assert lay.num_image_token == cfg.model.num_image_token
+
+
+def _padded_tokens(a: Assignment, tokens: np.ndarray) -> np.ndarray:
+    """Per dp rank: rows x longest row, summed over microbatches (a microbatch is padded to its longest row)."""
+    return np.array([sum(len(mb) * max((int(tokens[row].sum()) for row in mb), default=0) for mb in mbs)
+                     for mbs in a.llm])
+
+
+def test_without_pipeline_microbatches_take_whole_rows_of_similar_length():
+    layout = Layout(world=8, microbatches=2, max_packed_tokens=4096)
+    samples = draw_workload(96, WorkloadConfig(max_tokens=4096, frames=(8, 12)), seed=11)
+    _, tokens = sample_arrays(samples, layout)
+    b, n = balance(samples, layout, seed=2), naive(samples, layout)
+    _verify(b, samples, layout)
+    for mbs in b.llm:  # rows of a microbatch are at least as long as any row of a later one
+        lengths = [sorted((int(tokens[r].sum()) for r in mb), reverse=True) for mb in mbs]
+        assert all(lengths[k][-1] >= lengths[k + 1][0] for k in range(len(lengths) - 1))
+        assert abs(len(mbs[0]) - len(mbs[-1])) <= 1
+    pb, pn = _padded_tokens(b, tokens), _padded_tokens(n, tokens)
+    assert pb.max() < pn.max() and pb.sum() <= pn.sum()

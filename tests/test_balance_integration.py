@@ -22,9 +22,10 @@ from dist_utils import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
-BALANCE_KEYS = ("balance/vit_imbalance_pred", "balance/llm_imbalance_pred", "balance/vit_imbalance_meas",
-                "balance/llm_imbalance_meas", "balance/exchange_bytes", "balance/balancer_ms",
-                "balance/moved_samples", "balance/moved_tiles")
+IMBALANCE_KEYS = ("balance/vit_imbalance_pred", "balance/llm_imbalance_pred", "balance/vit_imbalance_meas",
+                  "balance/llm_imbalance_meas", "balance/vit_imbalance_meas_cpu", "balance/llm_imbalance_meas_cpu")
+BALANCE_KEYS = IMBALANCE_KEYS + ("balance/exchange_bytes", "balance/balancer_ms", "balance/moved_samples",
+                                 "balance/moved_tiles")
 
 
 # ----------------------------------------------------------------------------- skewed data
@@ -181,6 +182,7 @@ def test_balancing_keeps_the_trajectory(runs, name):
 
 @pytest.mark.parametrize("name", ["naive", "balanced", "balanced_pp"])
 def test_placement_covers_the_batch_and_balancing_moves_work(runs, name):
+    from engine.balance.packing import tight_rows
     from engine.data.packing import first_fit
 
     steps = runs[name][0][0]["steps"]
@@ -194,7 +196,8 @@ def test_placement_covers_the_batch_and_balancing_moves_work(runs, name):
         for rep, rep_order in zip(st["groups"], st["order"]):
             for mb, mb_order in zip(rep, rep_order):
                 assert mb, f"step {k}: empty microbatch"
-                rows = first_fit([st["tokens"][s] for s in mb], 512)  # the packer's rule
+                rows, _ = tight_rows([st["tokens"][s] for s in mb], 512, first_fit)  # the packer's rule
+                assert len(rows) == len(first_fit([st["tokens"][s] for s in mb], 512))
                 assert [mb[i] for row in rows for i in row] == mb_order
                 assert all(sum(st["tokens"][mb[i]] for i in row) <= 512 for row in rows)
         ids = tile_ids(st)
@@ -218,7 +221,7 @@ def test_metrics_rows_carry_balance_statistics(runs):
             missing = [k for k in BALANCE_KEYS if k not in r]
             assert not missing, f"{name} step {r['step']}: missing {missing}"
             assert all(math.isfinite(r[k]) for k in BALANCE_KEYS)
-            for k in BALANCE_KEYS[:4]:
+            for k in IMBALANCE_KEYS:
                 assert r[k] >= 1.0 - 1e-12, f"{name}: {k}={r[k]} below 1"
             assert r["balance/exchange_bytes"] >= 0 and r["balance/balancer_ms"] >= 0
         if name == "naive":
@@ -263,11 +266,30 @@ def test_balanced_placement_keeps_the_balancers_rows_and_falls_back_when_short()
     p = place(samples, layout, first_fit, CostModel(), balanced=True, seed=3)
     a = balance(samples, layout, CostModel(), seed=3)
     assert p.method == "balanced" and p.vit == a.vit
-    for rows_p, rows_a in zip(p.rows, a.llm):  # the in-order packer rebuilds the balancer's rows
-        assert [sorted(r) for mb in rows_p for r in mb] == [sorted(r) for mb in rows_a for r in mb]
+    for rep_p, rep_a in zip(p.rows, a.llm):  # the packer keeps the balancer's microbatches and row counts
+        for mb_p, mb_a in zip(rep_p, rep_a):
+            assert sorted(s for r in mb_p for s in r) == sorted(s for r in mb_a for s in r)
+            assert len(mb_p) == len(mb_a)
+            assert all(sum(samples[s].llm_tokens(16) for s in r) <= 256 for r in mb_p)
     assert p.checksum() == place(samples, layout, first_fit, CostModel(), balanced=True, seed=3).checksum()
     short = place(samples[:3], layout, first_fit, CostModel(), balanced=True)
     assert short.method == "naive" and sum(len(mb) == 0 for rep in short.groups for mb in rep) == 1
+
+
+def test_tight_rows_keep_the_row_count_and_trim_padding():
+    from engine.balance.packing import tight_rows
+    from engine.data.packing import first_fit
+
+    assert tight_rows([450, 150, 100], 512, first_fit) == ([[0], [1, 2]], 450)
+    assert tight_rows([300, 200, 200], 512, first_fit) == ([[0], [1, 2]], 400)
+    assert tight_rows([100, 100], 512, first_fit) == ([[0, 1]], 200)
+    assert tight_rows([], 512, first_fit) == ([], 512)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lengths = rng.integers(1, 300, rng.integers(1, 12)).tolist()
+        rows, cap = tight_rows(lengths, 512, first_fit)
+        assert max(lengths) <= cap <= 512 and rows == first_fit(lengths, cap)
+        assert len(rows) <= len(first_fit(lengths, 512))
 
 
 def test_group_imbalance():
@@ -317,3 +339,21 @@ def test_single_process_accepts_balance_enabled():
     from engine.config import load_config, validate_config
 
     validate_config(load_config(None, ["balance.enabled=true"]), 1)
+
+
+def calibrate_two_ranks(rank: int, world: int, out: str) -> int:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import calibrate_cost
+
+    return calibrate_cost.main(["--out", out, "--repeats", "1", "--max-tiles", "1", "--max-tokens", "16"])
+
+
+def test_calibrate_cost_times_the_exchange_under_two_processes(tmp_path):
+    from engine.balance import CostModel
+
+    out = str(tmp_path / "cost.json")
+    assert run_distributed(calibrate_two_ranks, 2, out, timeout=120) == [0, 0]
+    cost, default = CostModel.load(out), CostModel()
+    assert cost.exchange_bandwidth != default.exchange_bandwidth and cost.exchange_bandwidth > 0
+    assert cost.exchange_latency != default.exchange_latency

@@ -199,7 +199,8 @@ def calibrate(args: argparse.Namespace) -> CostModel:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        cost = replace(cost, **fit_exchange(time_exchange(device, measure)))
+        pings = _timer(device, max(args.repeats, 7))  # cheap; medians of several resist scheduling noise
+        cost = replace(cost, **fit_exchange(time_exchange(device, pings)))
         dist.barrier()
         if rank != 0:
             return cost  # rank 0 times the modules alone (no contention) and writes the file
@@ -222,6 +223,9 @@ def calibrate(args: argparse.Namespace) -> CostModel:
           f"llm_per_token_sq={cost.llm_per_token_sq:.4g} s, llm_per_row={cost.llm_per_row:.4g} s, "
           f"llm_per_row_sq={cost.llm_per_row_sq:.4g} s "
           f"(max rel. error {max(llm_err):.1%})")
+    if cost.vit_per_tile == 0 or cost.llm_per_token + cost.llm_per_token_sq + cost.llm_per_row_sq == 0:
+        print("warning: a per-tile or per-token coefficient fitted to 0: the timings do not grow with the work; "
+              "raise --max-tiles / --max-tokens or --repeats, or calibrate on a quieter machine", file=sys.stderr)
     if distributed:
         print(f"exchange: bandwidth {cost.exchange_bandwidth / 1e9:.3g} GB/s, latency {cost.exchange_latency * 1e6:.3g} us")
     else:
@@ -237,6 +241,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except ValueError as e:  # a fit that the timings cannot support
+        print(f"calibration failed: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

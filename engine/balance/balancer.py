@@ -9,7 +9,10 @@ per-row terms) a dp rank takes
 ``S_d + (pp - 1) * M_d`` (sum and largest of its microbatches, 1F1B). Samples are partitioned over dp
 ranks by LPT plus move/swap refinement of the heaviest rank, then over each rank's microbatches the
 same way, then (pipeline only) the heaviest rank trades samples with the others on that objective;
-each microbatch is packed into rows by first-fit decreasing.
+each microbatch is packed into rows by first-fit decreasing. Without a pipeline only a rank's sum
+counts, so when it has at least as many rows as microbatches its samples are packed into rows first
+(first-fit decreasing) and the rows, longest first, split into microbatches of equal row counts: rows
+of a microbatch are padded to its longest, so similar rows together waste the least.
 """
 
 from __future__ import annotations
@@ -42,8 +45,17 @@ def balance(samples: Sequence[SampleShape], layout: Layout, cost: CostModel | No
     mb_of = np.empty(len(c), dtype=np.int64)
     grouped = order[np.argsort(dp_of[order], kind="stable")]
     bounds = np.concatenate([[0], np.cumsum(np.bincount(dp_of, minlength=dp))])
+    tokens_l = tokens.tolist()
+    llm: list[list[list[list[int]]]] = [[[] for _ in range(m)] for _ in range(dp)]
+    by_rows = [False] * dp
     for d in range(dp):
         items = grouped[bounds[d]:bounds[d + 1]]  # heaviest first
+        if layout.llm_pp == 1:  # only the rank's sum counts: microbatches of whole rows, little padding
+            rows = pack_first_fit_decreasing(items.tolist(), tokens_l, layout.max_packed_tokens)
+            if len(rows) >= m:
+                llm[d] = _rows_to_microbatches(rows, tokens_l, m)
+                by_rows[d] = True
+                continue
         local = c[items]
         mb = refine(local, lpt(local, m, np.arange(items.size), min_count=1), m, min_count=1,
                     max_iters=refine_iters, tol=_microbatch_tol(layout))
@@ -51,14 +63,14 @@ def balance(samples: Sequence[SampleShape], layout: Layout, cost: CostModel | No
     if layout.llm_pp > 1:
         _refine_pipeline(c, dp_of, mb_of, layout, refine_iters)
 
-    tokens_l = tokens.tolist()
-    llm: list[list[list[list[int]]]] = [[[] for _ in range(m)] for _ in range(dp)]
     members: list[list[list[int]]] = [[[] for _ in range(m)] for _ in range(dp)]
     for i, (d, k) in enumerate(zip(dp_of.tolist(), mb_of.tolist())):
-        members[d][k].append(i)
+        if not by_rows[d]:
+            members[d][k].append(i)
     for d in range(dp):
         for k in range(m):
-            llm[d][k] = pack_first_fit_decreasing(members[d][k], tokens_l, layout.max_packed_tokens)
+            if not by_rows[d]:
+                llm[d][k] = pack_first_fit_decreasing(members[d][k], tokens_l, layout.max_packed_tokens)
     vit = _vit_balanced(llm, tiles, layout)
     return _predict("balanced", llm, vit, tiles, tokens, layout, cost)
 
@@ -97,6 +109,15 @@ def evaluate(method: str, llm: list[list[list[list[int]]]], vit: list[list[TileR
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _rows_to_microbatches(rows: list[list[int]], tokens: list[int], m: int) -> list[list[list[int]]]:
+    """``m`` microbatches of whole rows: rows longest first, in contiguous runs of equal counts, so rows
+    of similar length share a microbatch (a microbatch is padded to its longest row)."""
+    rows = sorted(rows, key=lambda r: (-sum(tokens[s] for s in r), r))
+    sizes = [len(rows) // m + (1 if k < len(rows) % m else 0) for k in range(m)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    return [rows[starts[k]:starts[k + 1]] for k in range(m)]
 
 
 def _check_count(n: int, layout: Layout) -> None:

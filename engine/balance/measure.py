@@ -1,8 +1,10 @@
 """Measured compute time per rank: named spans of one step, and imbalance over groups of ranks.
 
-On the host a span is ``time.perf_counter`` around the work. On a GPU the work is asynchronous, so a
-span is a pair of CUDA events on the current stream, read after the step (``seconds``); a span that
-waits for a collective then includes the stream's wait, which callers subtract as their own span.
+On the host a span is ``time.perf_counter`` around the work (``seconds``), and also the process's CPU
+time (``cpu_seconds``, ``time.process_time``): on a CPU shared by more processes than cores, wall time
+includes the time a rank waits for a core, CPU time only the work. On a GPU the work is asynchronous,
+so a span is a pair of CUDA events on the current stream, read after the step (``seconds``); a span
+that waits for a collective then includes the stream's wait, which callers subtract as their own span.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class ComputeClock:
 
     def reset(self) -> None:
         self._host: dict[str, float] = defaultdict(float)
+        self._cpu: dict[str, float] = defaultdict(float)
         self._events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
     @contextlib.contextmanager
@@ -40,11 +43,16 @@ class ComputeClock:
                 end.record()
                 self._events.append((key, start, end))
         else:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 yield
             finally:
                 self._host[key] += time.perf_counter() - t0
+                self._cpu[key] += time.process_time() - c0
+
+    def cpu_seconds(self, key: str) -> float:
+        """Process CPU time of the host spans ``key`` (0 for GPU spans)."""
+        return self._cpu.get(key, 0.0)
 
     def seconds(self, key: str) -> float:
         total = self._host.get(key, 0.0)

@@ -2,12 +2,13 @@
 
 Attention stays inside each sample, so a row's cost (``CostModel.row_cost``) does not depend on which
 samples share it; packing only decides the number of rows. First-fit decreasing uses at most
-``11/9 OPT + 6/9`` rows; next-fit (in order) is what a loader without look-ahead does.
+``11/9 OPT + 6/9`` rows; next-fit (in order) is what a loader without look-ahead does. A batch of rows
+is padded to its longest row, so ``tight_rows`` lowers the capacity as far as the row count allows.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 def _check(tokens: Sequence[int], items: Sequence[int], capacity: int) -> None:
@@ -52,3 +53,21 @@ def pack_next_fit(items: Sequence[int], tokens: Sequence[int], capacity: int) ->
         rows[-1].append(i)
         used += t
     return rows
+
+
+def tight_rows(lengths: Sequence[int], capacity: int,
+               pack_rows: Callable[[Sequence[int], int], list[list[int]]]) -> tuple[list[list[int]], int]:
+    """Rows of ``pack_rows(lengths, c)`` and ``c``: the smallest capacity ``c <= capacity`` that needs no
+    more rows than ``capacity`` does. Rows are padded to the longest, so this keeps the row count and
+    trims the padding (e.g. 450+150+100 tokens in two rows: 450 | 250 instead of 512 | 188)."""
+    if not lengths:
+        return [], capacity
+    best = pack_rows(lengths, capacity)
+    lo, hi = max(lengths), capacity  # the row count at ``hi`` is always within ``len(best)``
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(pack_rows(lengths, mid)) <= len(best):
+            hi = mid
+        else:
+            lo = mid + 1
+    return (pack_rows(lengths, hi), hi) if hi < capacity else (best, capacity)

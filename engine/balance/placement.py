@@ -1,14 +1,15 @@
 """Placement of one global batch on a training step's ranks: balanced, or the naive split.
 
 A ``Placement`` gives, per LLM data-parallel replica ``d`` and microbatch ``m``, the samples in the
-order the packer receives them (``groups``) and the rows the packer makes of them (``rows``, by the
-packer's own rule, passed in as ``pack_rows``), and per ViT data-parallel rank the tile ranges it
-encodes (``vit``), with the cost model's predicted times (``predicted``).
+order the packer receives them (``groups``) and the rows the packer makes of them (``rows``: the
+packer's own rule ``pack_rows`` at the tightest capacity that keeps its row count, ``tight_rows``),
+and per ViT data-parallel rank the tile ranges it encodes (``vit``), with the cost model's predicted
+times (``predicted``).
 
 - naive: contiguous equal sample counts per replica and per microbatch, in loader order; tiles split
   contiguously over the ViT ranks in sample order (``ExchangePlan.naive``).
-- balanced: ``balance()``; each microbatch's samples are handed to the packer row by row, so an
-  in-order first-fit packer rebuilds the balancer's first-fit-decreasing rows exactly.
+- balanced: ``balance()``; each microbatch's samples are handed to the packer longest first, so an
+  in-order first-fit packer makes first-fit-decreasing rows, as many as the balancer's.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from engine.balance.assignment import Assignment, TileRange
 from engine.balance.balancer import balance, evaluate
 from engine.balance.cost import CostModel
 from engine.balance.layout import Layout, SampleShape
+from engine.balance.packing import tight_rows
 
 PackRows = Callable[[Sequence[int], int], list[list[int]]]  # (lengths, capacity) -> rows of positions
 
@@ -80,7 +82,7 @@ def _split(items: Sequence[int], parts: int) -> list[list[int]]:
 
 def _rows(groups: list[list[list[int]]], tokens: np.ndarray, capacity: int,
           pack_rows: PackRows) -> list[list[list[list[int]]]]:
-    return [[[[mb[k] for k in row] for row in pack_rows([int(tokens[i]) for i in mb], capacity)] if mb else []
+    return [[[[mb[k] for k in row] for row in tight_rows([int(tokens[i]) for i in mb], capacity, pack_rows)[0]]
              for mb in rep] for rep in groups]
 
 
@@ -112,7 +114,8 @@ def place(samples: Sequence[SampleShape], layout: Layout, pack_rows: PackRows, c
     t0 = time.perf_counter()
     if balanced and n >= dp * m:
         a = balance(samples, layout, cost, seed=seed)
-        groups = [[[s for row in mb for s in row] for mb in rep] for rep in a.llm]
+        groups = [[sorted((s for row in mb for s in row), key=lambda s: (-tokens[s], s)) for mb in rep]
+                  for rep in a.llm]
         vit, method = a.vit, "balanced"
     else:
         groups = [_split(rep, m) for rep in _split(list(range(n)), dp)]

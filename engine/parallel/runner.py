@@ -19,8 +19,9 @@ Every rank holds the same global list of samples. Per step:
 
 Step statistics ``balance/*``: predicted max/mean imbalance of the placement (cost model) and the
 measured one (compute time of the ViT forward+backward and of the LLM pipeline without its
-communication, per rank, averaged over the ranks of each ViT rank / LLM replica), bytes the exchange
-moved between ranks, the placement's time, and how many samples and tiles it moved off the naive split.
+communication, per rank, averaged over the ranks of each ViT rank / LLM replica; on a CPU also by
+process CPU time, ``*_meas_cpu``), bytes the exchange moved between ranks, the placement's time, and
+how many samples and tiles it moved off the naive split.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from torch.utils.checkpoint import checkpoint
 from engine.balance.cost import CostModel
 from engine.balance.layout import Layout
 from engine.balance.measure import ComputeClock, group_imbalance
+from engine.balance.packing import tight_rows
 from engine.balance.placement import Placement, moved, place, sample_shapes
 from engine.config import Config, ConfigError
 from engine.data.batch import Sample
@@ -212,10 +214,16 @@ class ParallelRunner:
         return chosen, naive
 
     def _pack(self, samples: Sequence[Sample], order: list[int], group: list[int]):
-        """Pack one microbatch; its pixels travel through the exchange, so they are dropped here."""
+        """Pack one microbatch (first-fit in ``group`` order, rows at most ``data.max_packed_tokens``, at
+        the tightest capacity that keeps the row count: ``tight_rows``); its pixels travel through the
+        exchange, so they are dropped here."""
         light = [dataclasses.replace(s, pixel_values=None if s.pixel_values is None else s.pixel_values[:, :0])
                  for s in (samples[i] for i in group)]
-        batch = pack(light, self.cfg, self.pad_id, self.layout.llm.token_multiple)
+        _, capacity = tight_rows([s.num_tokens for s in light], self.cfg.data.max_packed_tokens, first_fit)
+        cfg = self.cfg
+        if capacity != cfg.data.max_packed_tokens:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_packed_tokens=capacity))
+        batch = pack(light, cfg, self.pad_id, self.layout.llm.token_multiple)
         want = [t for i in order for t in samples[i].image_tiles]
         got = [] if batch.image_tiles is None else batch.image_tiles.tolist()
         if got != want:
@@ -266,9 +274,10 @@ class ParallelRunner:
         self._reduce_grads()
 
         last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
-        mine = [stages.loss if last else 0.0, self.clock.seconds("vit"),
-                self.clock.seconds("llm") - self.clock.seconds("llm_comm"), float(self.exchange.sent_bytes),
-                float(placement.checksum())]
+        c = self.clock
+        mine = [stages.loss if last else 0.0, c.seconds("vit"), c.seconds("llm") - c.seconds("llm_comm"),
+                float(self.exchange.sent_bytes), float(placement.checksum()), c.cpu_seconds("vit"),
+                c.cpu_seconds("llm") - c.cpu_seconds("llm_comm")]
         gathered = self._gather_rows(mine)
         if len(set(gathered[:, 4].tolist())) != 1:
             raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "
@@ -293,12 +302,16 @@ class ParallelRunner:
         vit_rank = [g // (V.tp * V.hp) for g in ranks]  # ViT grid order tp, hp, dp
         moved_samples, moved_tiles = moved(placement, naive, sample_tiles)
         a = placement.predicted
-        return {"balance/vit_imbalance_pred": a.vit_imbalance, "balance/llm_imbalance_pred": a.llm_imbalance,
-                "balance/vit_imbalance_meas": group_imbalance(gathered[:, 1], vit_rank),
-                "balance/llm_imbalance_meas": group_imbalance(gathered[:, 2], replica),
-                "balance/exchange_bytes": float(gathered[:, 3].sum()),
-                "balance/balancer_ms": placement.seconds * 1e3,
-                "balance/moved_samples": moved_samples, "balance/moved_tiles": moved_tiles}
+        out = {"balance/vit_imbalance_pred": a.vit_imbalance, "balance/llm_imbalance_pred": a.llm_imbalance,
+               "balance/vit_imbalance_meas": group_imbalance(gathered[:, 1], vit_rank),
+               "balance/llm_imbalance_meas": group_imbalance(gathered[:, 2], replica),
+               "balance/exchange_bytes": float(gathered[:, 3].sum()),
+               "balance/balancer_ms": placement.seconds * 1e3,
+               "balance/moved_samples": moved_samples, "balance/moved_tiles": moved_tiles}
+        if self.device.type == "cpu":  # CPU time: free of waiting for a core on a shared host
+            out["balance/vit_imbalance_meas_cpu"] = group_imbalance(gathered[:, 5], vit_rank)
+            out["balance/llm_imbalance_meas_cpu"] = group_imbalance(gathered[:, 6], replica)
+        return out
 
     def _vit_forward(self, plan: ExchangePlan, samples: Sequence[Sample], autocast) -> torch.Tensor:
         """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
