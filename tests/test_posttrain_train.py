@@ -38,12 +38,9 @@ def _cli(config: str, overrides: dict, timeout: float = 600) -> subprocess.Compl
 
 
 @pytest.fixture(scope="module")
-def colour_pairs(tmp_path_factory) -> str:
-    from engine.posttrain.synthetic import write_colour_pairs
-
-    out = str(tmp_path_factory.mktemp("colour_pairs"))
-    write_colour_pairs(out, num_pairs=1000, seed=0)
-    return os.path.join(out, "colour_pairs_meta.json")
+def colour_pairs(synthetic_data) -> str:
+    """The colour preference pairs tools/make_synthetic_data.py writes beside the main set."""
+    return os.path.join(synthetic_data, "colour_pairs_meta.json")
 
 
 def _mpo(data: str, prefs: str, run_dir: str, **extra) -> dict:

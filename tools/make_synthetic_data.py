@@ -7,7 +7,8 @@ sentencepiece tokenizer whose special ids match the ``tiny`` preset::
     python tools/make_synthetic_data.py --out data/synthetic [--num-samples 2000] [--seed 0] [--with-bad]
 
 Files: images/, train.jsonl, meta.json, text.jsonl, preference.jsonl, preference_meta.json,
-tokenizer.model; with --with-bad also bad.jsonl and meta_bad.json (deliberately broken records).
+colour_pairs.jsonl + colour_pairs_meta.json (preference pairs learnable from colour alone),
+prm/ (VisualPRM steps, policy SFT data, evaluation questions), tokenizer.model; with --with-bad also bad.jsonl and meta_bad.json (deliberately broken records).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import time
 from typing import Any
 
 from PIL import Image, ImageDraw
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),
@@ -280,6 +283,13 @@ def generate(out: str, num_samples: int = 2000, seed: int = 0, with_bad: bool = 
     with open(os.path.join(out, "preference_meta.json"), "w") as f:
         json.dump({"synthetic_preference": {"root": "images", "annotation": "preference.jsonl",
                                             "repeat_time": 1, "length": len(prefs)}}, f, indent=2)
+    # Post-training sets: colour preference pairs (chosen = the shape's colour) and VisualPRM data.
+    from engine.posttrain.synthetic import PRM_QUESTION, solution_steps, write_colour_pairs, write_prm_data
+
+    write_colour_pairs(out, num_pairs=1000, seed=seed)
+    write_prm_data(os.path.join(out, "prm"), num_images=200, seed=seed)
+    corpus += [PRM_QUESTION.replace("<image>\n", "")] * 20
+    corpus += [s for shape in SHAPES for colour in COLOURS for s in solution_steps(shape, colour, "white")]
     n_docs = max(num_samples // 2, 1) if num_text_docs is None else num_text_docs
     docs = [make_text_doc(rng) for _ in range(n_docs)]
     with open(os.path.join(out, "text.jsonl"), "w") as f:
