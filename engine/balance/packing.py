@@ -63,7 +63,10 @@ def tight_rows(lengths: Sequence[int], capacity: int,
     if not lengths:
         return [], capacity
     best = pack_rows(lengths, capacity)
-    lo, hi = max(lengths), capacity  # the row count at ``hi`` is always within ``len(best)``
+    lo = max(max(lengths), -(-sum(lengths) // len(best)))  # no fewer rows below this
+    hi = max(sum(lengths[i] for i in row) for row in best)  # invariant: ``hi`` needs at most len(best) rows
+    if len(pack_rows(lengths, hi)) > len(best):
+        hi = capacity
     while lo < hi:
         mid = (lo + hi) // 2
         if len(pack_rows(lengths, mid)) <= len(best):

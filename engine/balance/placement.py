@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class Placement:
     groups: list[list[list[int]]]  # [replica][microbatch] sample indices, packer input order
     rows: list[list[list[list[int]]]]  # [replica][microbatch][row] sample indices, packed order
     vit: list[list[TileRange]]  # [ViT rank] (sample, first tile, end tile)
-    predicted: Assignment
+    predicted: Optional[Assignment]  # None when placed without rows (``place(..., rows=False)``)
     seconds: float  # time taken to decide the placement
 
     def order(self) -> list[list[list[int]]]:
@@ -104,9 +104,10 @@ def naive_vit(sample_tiles: Sequence[int], vit_ranks: int) -> list[list[TileRang
 
 
 def place(samples: Sequence[SampleShape], layout: Layout, pack_rows: PackRows, cost: CostModel | None = None,
-          balanced: bool = True, seed: int = 0) -> Placement:
+          balanced: bool = True, seed: int = 0, rows: bool = True) -> Placement:
     """Placement of ``samples`` (one global batch). With ``balanced`` and at least one sample per
-    microbatch, the balancer's; otherwise the naive split (method ``"naive"``)."""
+    microbatch, the balancer's; otherwise the naive split (method ``"naive"``). ``rows=False`` leaves
+    out the rows and the predicted times (enough for ``moved``)."""
     cost = cost or CostModel()
     n, dp, m = len(samples), layout.llm_dp, layout.microbatches
     tokens = np.fromiter((s.llm_tokens(layout.num_image_token) for s in samples), dtype=np.int64, count=n)
@@ -121,8 +122,10 @@ def place(samples: Sequence[SampleShape], layout: Layout, pack_rows: PackRows, c
         groups = [_split(rep, m) for rep in _split(list(range(n)), dp)]
         vit, method = naive_vit(tiles, layout.vit_ranks), "naive"
     seconds = time.perf_counter() - t0
-    rows = _rows(groups, tokens, layout.max_packed_tokens, pack_rows)
-    return Placement(method, groups, rows, vit, evaluate(method, rows, vit, samples, layout, cost), seconds)
+    if not rows:
+        return Placement(method, groups, [], vit, None, seconds)
+    packed = _rows(groups, tokens, layout.max_packed_tokens, pack_rows)
+    return Placement(method, groups, packed, vit, evaluate(method, packed, vit, samples, layout, cost), seconds)
 
 
 def moved(p: Placement, base: Placement, sample_tiles: Sequence[int]) -> tuple[int, int]:

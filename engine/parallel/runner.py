@@ -203,8 +203,9 @@ class ParallelRunner:
         """(placement used this step, the naive placement), the same on every rank."""
         shapes = sample_shapes([s.num_tokens for s in samples], [s.image_tiles for s in samples],
                                self.cfg.model.num_image_token)
-        naive = place(shapes, self.balance_layout, first_fit, self.cost, balanced=False)
-        if not self.cfg.balance.enabled:
+        enabled = self.cfg.balance.enabled
+        naive = place(shapes, self.balance_layout, first_fit, self.cost, balanced=False, rows=not enabled)
+        if not enabled:
             return naive, naive
         seed = self.cfg.train.seed * 1_000_003 + (samples[0].index if samples else 0)
         chosen = place(shapes, self.balance_layout, first_fit, self.cost, balanced=True, seed=seed % 2**63)
@@ -251,8 +252,8 @@ class ParallelRunner:
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
         sample_tiles = [s.num_tiles for s in samples]
         plan = ExchangePlan.from_ranges(sample_tiles, placement.vit, order)
-        with self.clock.span("vit"):
-            out = self._vit_forward(plan, samples, autocast)
+        pixels = self.exchange.local_pixels(plan, [s.pixel_values for s in samples]).to(self.device)
+        out = self._vit_forward(pixels, autocast)
         vit_out = out.detach().requires_grad_(out.requires_grad)
         embeds = self.exchange.forward(vit_out, plan)
         leaf = embeds.detach().requires_grad_(embeds.requires_grad)
@@ -313,12 +314,11 @@ class ParallelRunner:
             out["balance/llm_imbalance_meas_cpu"] = group_imbalance(gathered[:, 6], replica)
         return out
 
-    def _vit_forward(self, plan: ExchangePlan, samples: Sequence[Sample], autocast) -> torch.Tensor:
+    def _vit_forward(self, pixels: torch.Tensor, autocast) -> torch.Tensor:
         """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
-        pixels = self.exchange.local_pixels(plan, [s.pixel_values for s in samples]).to(self.device)
         dtype = self.autocast_dtype or torch.float32
         if pixels.shape[0]:
-            with autocast():
+            with self.clock.span("vit"), autocast():
                 return self.model.extract_feature(pixels).to(dtype)
         m = self.cfg.model
         return torch.zeros(0, m.num_image_token, m.llm.hidden_size, dtype=dtype, device=self.device,
