@@ -8,6 +8,7 @@ is scaled by 1/W, so gradients equal those of one big batch however the samples 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Optional, Sequence
 
 import torch
@@ -89,6 +90,8 @@ class LocalRunner:
         self.pad_id = pad_id
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
+        if cfg.balance.enabled:
+            logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")
 
     def forward_backward(self, samples: Sequence[Sample]) -> dict:
         groups = [g for g in split_contiguous(samples, self.cfg.parallel.llm.microbatches) if g]
