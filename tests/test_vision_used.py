@@ -22,7 +22,7 @@ def test_trained_model_uses_the_images(tmp_path):
     generate(data, num_samples=2000, seed=1)
     # Multimodal samples only, one tile per image and no system prompt: cheap steps, all supervision about images.
     cfg = load_config(os.path.join(ROOT, "examples/configs/tiny.yaml"), tiny_overrides(data, str(tmp_path / "run"), **{
-        "train.steps": 300, "train.lr": 3e-3, "train.warmup_steps": 20, "train.global_batch": 8,
+        "train.steps": 300, "train.lr": 3e-3, "train.min_lr": 1e-3, "train.warmup_steps": 20, "train.global_batch": 8,
         "train.save_interval": 0, "data.lm_ratio": 0.0, "data.max_dynamic_patch": 1, "data.system_prompt": '""'}))
     trainer = Trainer(cfg)
     history = trainer.train()
