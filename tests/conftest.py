@@ -40,3 +40,16 @@ def tiny_overrides(data_dir: str, run_dir: str, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test, printed so a failure can be rerun (KERNELS_TEST_SEED=N)."""
+    s = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
+    print(f"random seed {s} (rerun with KERNELS_TEST_SEED={s})")
+    torch.manual_seed(s)
+    return s

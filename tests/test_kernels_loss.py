@@ -16,18 +16,9 @@ import torch.multiprocessing as mp
 
 import kernels
 from kernels import reference
+from conftest import DEVICE, gpu
 from kernels.testing import poison_outputs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def seed() -> int:
-    s = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
-    print(f"random seed {s} (rerun with KERNELS_TEST_SEED={s})")
-    torch.manual_seed(s)
-    return s
 
 
 def _inputs(tokens: int, hidden: int, vocab_rows: int, vocab_size: int, device=DEVICE, dtype=torch.float32,

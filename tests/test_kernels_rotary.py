@@ -13,18 +13,9 @@ import pytest
 
 import kernels
 from kernels import reference
+from conftest import DEVICE, gpu
 from kernels.testing import poison_outputs
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def seed() -> int:
-    s = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
-    print(f"random seed {s} (rerun with KERNELS_TEST_SEED={s})")
-    torch.manual_seed(s)
-    return s
 
 
 def _run_both(q, k, pos, theta=1e6, inv_freq=None):
