@@ -1,6 +1,5 @@
 """End-to-end training on one process: loss falls, resume is exact, preemption saves, the vision path is used."""
 
-import json
 import os
 import signal
 import subprocess
