@@ -168,7 +168,9 @@ class Trainer:
         self.ckpt.wait()
         if self.ckpt.last_step == self.step:
             return self.ckpt.step_dir(self.step)
-        blocking = True if self.step >= self.cfg.train.steps or self._should_stop() else None
+        blocking = None
+        if self.ckpt.async_save:  # the ranks must agree: the stop flag is all-reduced
+            blocking = True if self.step >= self.cfg.train.steps or self._should_stop() else None
         path = save_checkpoint(self.ckpt, self.step, self.runner, self.cfg, self.state_dict(), rng_state(), blocking)
         log.info("saved checkpoint %s", path)
         return path
@@ -209,9 +211,25 @@ class Trainer:
         log.warning("received signal %d: will save and exit after this step", signum)
 
     def _install_signals(self) -> None:
+        """SIGTERM / SIGUSR1 set the stop flag. The handler holds the trainer weakly: a handler
+        keeping it alive would free the runner's process groups only at interpreter shutdown,
+        where gloo's worker threads can no longer release the tensors they hold. Once the
+        trainer is gone a signal takes its default action again."""
+        import weakref
+
+        ref = weakref.ref(self)
+
+        def handler(signum, frame):
+            trainer = ref()
+            if trainer is not None:
+                trainer._on_signal(signum, frame)
+            else:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             try:
-                signal.signal(sig, self._on_signal)
+                signal.signal(sig, handler)
             except ValueError:  # not the main thread
                 pass
 

@@ -66,12 +66,14 @@ def _all_gather(obj: Any) -> list[Any]:
     return [obj]
 
 
-def _broadcast(obj: Any) -> Any:
+def _agree(ok: bool) -> bool:
+    """Whether every rank says ok (all-reduce of a flag; every rank returns the same)."""
     if dist.is_available() and dist.is_initialized():
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+    return ok
 
 
 def rank_file(rank: int) -> str:
@@ -194,9 +196,10 @@ class CheckpointManager:
                 self._complete(p, [f for _, files in results for f in files], world)
             except Exception as e:  # noqa: BLE001 - every rank must learn of it
                 error = f"checkpoint step {p.step} not published: {e}"
-        error = _broadcast(error)
-        if error is not None:
-            raise CheckpointError(error)
+        if not _agree(error is None):
+            raise CheckpointError(error or f"checkpoint step {p.step} not published: rank 0 failed to complete it "
+                                           f"(see its log)")
+        _barrier()
         self.last_step = p.step
 
     def _complete(self, p: _Pending, expected: list[str], world: int) -> None:

@@ -111,7 +111,7 @@ def _is_zero(optimizer) -> bool:
 
 def _flat_pieces(shard, sites: dict[str, Site], names: dict[int, str]):
     """For each parameter of a ZeRO flat shard that this rank's slice spans: ``(name, site,
-    [(local box, offset in the slice)])``."""
+    parameter, [(local box, offset of its first element in the slice)])``."""
     offset = 0
     for p in shard.params:
         n = p.numel()
