@@ -137,6 +137,7 @@ class TrainConfig:
     log_interval: int = 1
     save_interval: int = 0  # 0 = only at the end
     keep_last: int = 2
+    async_save: bool = False  # write checkpoints in a background thread (final and signal saves wait)
     resume: str = "auto"  # auto (latest in run dir) | none | path
     progress: bool = True
     tensorboard: bool = True

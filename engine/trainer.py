@@ -147,7 +147,8 @@ class Trainer:
 
             self.runner = LocalRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
         self.scheduler = build_scheduler(self.runner.optimizer, cfg.train)
-        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last)
+        self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last,
+                                      async_save=cfg.train.async_save)
         self.step = 0
         self._stop_signal: Optional[int] = None
         self._resume()
