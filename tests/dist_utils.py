@@ -93,3 +93,17 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     finally:
         _stop(procs)
     return [done[r] for r in range(world_size)]
+
+
+def run_jobs(rank: int, world: int, jobs: dict) -> dict:
+    """Worker body for ``run_distributed``: run every ``name: (fn, args)`` job as
+    ``fn(rank, world, *args)``; a failing job returns ``{"error": traceback}`` instead of stopping the rest."""
+    import traceback
+
+    out = {}
+    for name, (fn, args) in jobs.items():
+        try:
+            out[name] = fn(rank, world, *args)
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import re
-import traceback
 
 import pytest
 import torch
+import torch.distributed as dist
 
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 from engine.config import ConfigError, config_from_dict
 from engine.data.batch import IGNORE_INDEX, PackedBatch
 from engine.models.internvl import InternVLModel
@@ -182,29 +182,29 @@ def _mappings(rank: int, world: int) -> dict:
         errs[name] = max((y - want_y).abs().max().item(), (x.grad - want_grad).abs().max().item())
 
     tot_c, full = sum(C), X[0]
-    check("copy_to_region", lambda x: M.copy_to_region(x, GROUP), full, full, C[rank], tot_c)
-    check("reduce_from_region", lambda x: M.reduce_from_region(x, GROUP), X[rank], sum(X), C[0], C[0])
-    check("scatter_to_region", lambda x: M.scatter_to_region(x, GROUP), full, c(full), c(C[rank]),
+    check("copy_to_region", lambda x: M.copy_to_region(x, dist.group.WORLD), full, full, C[rank], tot_c)
+    check("reduce_from_region", lambda x: M.reduce_from_region(x, dist.group.WORLD), X[rank], sum(X), C[0], C[0])
+    check("scatter_to_region", lambda x: M.scatter_to_region(x, dist.group.WORLD), full, c(full), c(C[rank]),
           torch.cat([t.chunk(world, -1)[r] for r, t in enumerate(C)], -1))
-    check("gather_from_region", lambda x: M.gather_from_region(x, GROUP), c(full), full, C[0], c(C[0]))
-    check("scatter_to_sequence", lambda x: M.scatter_to_sequence(x, GROUP), full, s(full), s(C[rank]),
+    check("gather_from_region", lambda x: M.gather_from_region(x, dist.group.WORLD), c(full), full, C[0], c(C[0]))
+    check("scatter_to_sequence", lambda x: M.scatter_to_sequence(x, dist.group.WORLD), full, s(full), s(C[rank]),
           torch.cat([t.chunk(world, 1)[r] for r, t in enumerate(C)], 1))
     zeros = torch.zeros_like(full)
-    check("split_to_sequence", lambda x: M.split_to_sequence(x, GROUP), full, s(full), s(C[rank]),
+    check("split_to_sequence", lambda x: M.split_to_sequence(x, dist.group.WORLD), full, s(full), s(C[rank]),
           torch.cat([s(C[rank]) if r == rank else zeros.chunk(world, 1)[r] for r in range(world)], 1))
-    check("gather_from_sequence", lambda x: M.gather_from_sequence(x, GROUP), s(full), full, C[rank], s(tot_c))
-    check("gather_from_sequence_split", lambda x: M.gather_from_sequence(x, GROUP, reduce_grads=False),
+    check("gather_from_sequence", lambda x: M.gather_from_sequence(x, dist.group.WORLD), s(full), full, C[rank], s(tot_c))
+    check("gather_from_sequence_split", lambda x: M.gather_from_sequence(x, dist.group.WORLD, reduce_grads=False),
           s(full), full, C[0], s(C[0]))
-    check("reduce_scatter_to_sequence", lambda x: M.reduce_scatter_to_sequence(x, GROUP), X[rank], s(sum(X)),
+    check("reduce_scatter_to_sequence", lambda x: M.reduce_scatter_to_sequence(x, dist.group.WORLD), X[rank], s(sum(X)),
           s(C[rank]), torch.cat([t.chunk(world, 1)[r] for r, t in enumerate(C)], 1))
     Q, G = torch.randn(2, 8, 2 * world, 4, generator=g), torch.randn(2, 8, 2 * world, 4, generator=g)
     heads = lambda t: t.chunk(world, 2)[rank]
-    check("all_to_all", lambda x: M.all_to_all(x, GROUP, 2, 1), s(Q), heads(Q), heads(G), s(G))
+    check("all_to_all", lambda x: M.all_to_all(x, dist.group.WORLD, 2, 1), s(Q), heads(Q), heads(G), s(G))
     # all_reduce_stat: L = sum_r (sqrt(sum_r' |X_r'|^2) * C_r), differentiated on one process
     xs = [x.clone().requires_grad_() for x in X]
     total = sum((x ** 2).sum(-1, keepdim=True) for x in xs)
     sum((total.sqrt() * cr[..., :1]).sum() for cr in C).backward()
-    check("all_reduce_stat", lambda x: M.all_reduce_stat((x ** 2).sum(-1, keepdim=True), GROUP).sqrt(),
+    check("all_reduce_stat", lambda x: M.all_reduce_stat((x ** 2).sum(-1, keepdim=True), dist.group.WORLD).sqrt(),
           X[rank], total.detach().sqrt(), C[rank][..., :1], xs[rank].grad)
     return errs
 
@@ -221,13 +221,13 @@ def _megatron_linears(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     fc1, fc2 = nn.Linear(8, 12), nn.Linear(12, 8)
     x = torch.randn(5, 3, 8)
-    ours = nn.Sequential(ColumnParallelLinear(fc1, ShardInfo("llm", 0, 12, 12), GROUP, input_mode="copy"),
-                         RowParallelLinear(fc2, ShardInfo("llm", 1, 12, 12), ShardInfo("llm"), GROUP))
+    ours = nn.Sequential(ColumnParallelLinear(fc1, ShardInfo("llm", 0, 12, 12), dist.group.WORLD, input_mode="copy"),
+                         RowParallelLinear(fc2, ShardInfo("llm", 1, 12, 12), ShardInfo("llm"), dist.group.WORLD))
     mcfg = ModelParallelConfig(tensor_model_parallel_size=world, use_cpu_initialization=True,
                                perform_initialization=False)
-    mcol = MCol(8, 12, config=mcfg, init_method=nn.init.zeros_, bias=True, gather_output=False, tp_group=GROUP)
+    mcol = MCol(8, 12, config=mcfg, init_method=nn.init.zeros_, bias=True, gather_output=False, tp_group=dist.group.WORLD)
     mrow = MRow(12, 8, config=mcfg, init_method=nn.init.zeros_, bias=True, input_is_parallel=True,
-                skip_bias_add=False, tp_group=GROUP)
+                skip_bias_add=False, tp_group=dist.group.WORLD)
     with torch.no_grad():
         mcol.weight.copy_(ours[0].weight), mcol.bias.copy_(ours[0].bias)
         mrow.weight.copy_(ours[1].weight), mrow.bias.copy_(ours[1].bias)
@@ -260,27 +260,12 @@ def _bad_length(rank: int, world: int) -> str:
     return "no error"
 
 
-GROUP = None  # the world group inside a worker
-
-
-def _jobs(rank: int, world: int, jobs: dict) -> dict:
-    import torch.distributed as dist
-
-    global GROUP
-    GROUP = dist.group.WORLD
-    out = {}
-    for name, (fn, args) in jobs.items():
-        try:
-            out[name] = fn(rank, world, *args)
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
-    return out
 
 
 def _run(world: int, layouts: dict, extra: dict) -> list[dict]:
     jobs = {name: (_parity, spec) for name, spec in layouts.items()}
     jobs.update(extra)
-    return run_distributed(_jobs, world, jobs, timeout=240)
+    return run_distributed(run_jobs, world, jobs, timeout=240)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 from engine.parallel.pipeline import (BWD, FWD, Comm, Forward, PipelineExecutor, build_program,
                                       partition_layers, program_1f1b, program_interleaved, rank_layers)
 
@@ -178,7 +177,7 @@ def _pipeline(rank: int, world: int, vpp: int, M: int, split) -> float:
         (h.pow(2).sum() / W).backward()
     ranges = rank_layers(len(net), world, vpp, split)[rank]
     stages = ToyStages(net, ranges, world, rank, data, W)
-    PipelineExecutor(GROUP, list(range(world)), rank, vpp, torch.device("cpu")).run(
+    PipelineExecutor(dist.group.WORLD, list(range(world)), rank, vpp, torch.device("cpu")).run(
         build_program(world, vpp, rank, M), stages)
     assert len(stages.losses) == (M if rank == world - 1 else 0)
     owned = {i for r in ranges for i in r}
@@ -211,11 +210,11 @@ def _zero1(rank: int, world: int) -> dict:
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
     ref, par = _toy_model(), _toy_model()
     ref_opt = build_optimizer(ref.named_parameters(), cfg, torch.device("cpu"))
-    opt = build_zero_optimizer([(par.named_parameters(), GROUP)], cfg)
+    opt = build_zero_optimizer([(par.named_parameters(), dist.group.WORLD)], cfg)
     factor = lambda s: 1.0 / (s + 1)  # noqa: E731
     ref_sched = torch.optim.lr_scheduler.LambdaLR(ref_opt, factor)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    reducer = GradReducer(par.parameters(), GROUP, bucket_mb=1e-4)  # tiny buckets: several of them
+    reducer = GradReducer(par.parameters(), dist.group.WORLD, bucket_mb=1e-4)  # tiny buckets: several of them
     g = torch.Generator().manual_seed(2)
     out = {"buckets": len(reducer.buckets), "norm_rel": 0.0, "param_err": 0.0}
     for step in range(4):
@@ -226,7 +225,7 @@ def _zero1(rank: int, world: int) -> dict:
         _toy_loss(par, xs[rank]).backward()
         reducer.reduce()
         want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item()
-        got = clip_grad_norm(list(par.parameters()), list(par.parameters()) if rank == 0 else [], 0.5, GROUP)
+        got = clip_grad_norm(list(par.parameters()), list(par.parameters()) if rank == 0 else [], 0.5, dist.group.WORLD)
         out["norm_rel"] = max(out["norm_rel"], abs(got - want) / want)
         ref_opt.step()
         opt.step()
@@ -234,7 +233,7 @@ def _zero1(rank: int, world: int) -> dict:
         sched.step()
         if step == 1:  # a fresh optimizer resumes from this rank's shard
             state = copy.deepcopy(opt.state_dict())
-            opt = build_zero_optimizer([(par.named_parameters(), GROUP)], cfg)
+            opt = build_zero_optimizer([(par.named_parameters(), dist.group.WORLD)], cfg)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
             opt.load_state_dict(state)
             sched.load_state_dict(ref_sched.state_dict())
@@ -279,24 +278,11 @@ def _exchange(rank: int, world: int, parallel: dict, assignment) -> dict:
             "rows": [(r.start, r.stop) for r in ex.microbatch_rows(plan)]}
 
 
-GROUP = None  # the world group inside a worker
-
-
-def _jobs(rank: int, world: int, jobs: dict) -> dict:
-    global GROUP
-    GROUP = dist.group.WORLD
-    out = {}
-    for name, (fn, args) in jobs.items():
-        try:
-            out[name] = fn(rank, world, *args)
-        except Exception:
-            out[name] = {"error": traceback.format_exc()}
-    return out
 
 
 @pytest.fixture(scope="module")
 def world2():
-    return run_distributed(_jobs, 2, {
+    return run_distributed(run_jobs, 2, {
         "1f1b_uneven": (_pipeline, (1, 4, [3, 5])),
         "interleaved_uneven": (_pipeline, (2, 4, [1, 3, 2, 2])),
         "zero1": (_zero1, ()),
@@ -305,7 +291,7 @@ def world2():
 
 @pytest.fixture(scope="module")
 def world4():
-    return run_distributed(_jobs, 4, {
+    return run_distributed(run_jobs, 4, {
         "1f1b_more_microbatches": (_pipeline, (1, 6, None)),
         "interleaved": (_pipeline, (2, 8, None)),
         "exchange_tp_pp": (_exchange, ({"llm": {"tp": 2, "pp": 2, "microbatches": 2}, "vit": {"tp": 2}},
