@@ -4,13 +4,40 @@ import shutil
 # The Triton interpreter must be chosen before anything imports triton.
 if "TRITON_INTERPRET" not in os.environ and shutil.which("nvidia-smi") is None:
     os.environ["TRITON_INTERPRET"] = "1"
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# One thread per process, whatever the caller's environment: the multi-process tests run up to 8
+# processes on 2 cores (more threads only oversubscribe them and make every wait a spin), and
+# intra-op thread counts change the order of floating-point reductions, so a verdict must not
+# depend on them. Subprocesses (torchrun, the CLIs) inherit these variables.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ[_var] = "1"
 
+import hashlib  # noqa: E402
+import random  # noqa: E402
+
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)
+try:
+    torch.set_num_interop_threads(1)
+except RuntimeError:  # already set, or parallel work has started (a plugin imported torch first)
+    pass
 
 import pytest  # noqa: E402
+
+
+def _test_seed(nodeid: str) -> int:
+    """A seed fixed by the test's id: the same in every run and whatever ran before it."""
+    return int.from_bytes(hashlib.sha256(nodeid.encode()).digest()[:4], "little") % 2**31
+
+
+@pytest.fixture(autouse=True)
+def _seed_every_test(request):
+    """Every test starts from random states fixed by its own id (not by the tests that ran before)."""
+    s = _test_seed(request.node.nodeid)
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +74,9 @@ gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA dev
 
 
 @pytest.fixture
-def seed() -> int:
-    """A fresh random seed per test, printed so a failure can be rerun (KERNELS_TEST_SEED=N)."""
-    s = int(os.environ.get("KERNELS_TEST_SEED", int.from_bytes(os.urandom(4), "little") % 2**31))
-    print(f"random seed {s} (rerun with KERNELS_TEST_SEED={s})")
+def seed(request) -> int:
+    """The test's own fixed seed (from its id); KERNELS_TEST_SEED=N overrides it to explore others."""
+    s = int(os.environ.get("KERNELS_TEST_SEED", _test_seed(request.node.nodeid)))
+    print(f"random seed {s} (override with KERNELS_TEST_SEED=N)")
     torch.manual_seed(s)
     return s

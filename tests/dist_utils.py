@@ -13,7 +13,8 @@ import datetime
 import os
 import pickle
 import queue
-import socket
+import shutil
+import tempfile
 import time
 import traceback
 from typing import Any, Callable
@@ -27,18 +28,11 @@ class DistributedError(RuntimeError):
     """A rank of a ``run_distributed`` call raised."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, timeout: float, fn: Callable, args: tuple, results) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
+def _worker(rank: int, world: int, store: str, timeout: float, fn: Callable, args: tuple, results) -> None:
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world,
+        # A file rendezvous: no port to pick, so no race with other processes for a free one.
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout))
         out = fn(rank, world, *args)
         results.put((rank, True, pickle.dumps(out)))
@@ -60,8 +54,9 @@ def _stop(procs: list) -> None:
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, timeout, fn, args, results), daemon=True)
+    store_dir = tempfile.mkdtemp(prefix="dist-store-")
+    store = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store, timeout, fn, args, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -92,6 +87,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
             p.join(10)
     finally:
         _stop(procs)
+        shutil.rmtree(store_dir, ignore_errors=True)
     return [done[r] for r in range(world_size)]
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 
@@ -12,11 +11,11 @@ if not torch.cuda.is_available():
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import kernels
 from kernels import reference
 from conftest import DEVICE, gpu
+from dist_utils import run_distributed
 from kernels.testing import poison_outputs
 
 
@@ -153,42 +152,31 @@ def test_loss_errors():
 # ----------------------------------------------------------------------------- vocab parallel (2 gloo ranks)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tp_worker(rank: int, world: int, port: int, seed: int) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        group = dist.new_group(list(range(world)))
-        torch.set_num_threads(1)
-        for case, (tokens, hidden, local, vocab) in enumerate([(23, 12, 40, 75), (10, 8, 24, 48), (9, 8, 20, 18)]):
-            torch.manual_seed(seed + case)
-            h, w, labels, tw = _inputs(tokens, hidden, local * world, vocab, device="cpu")
-            loss_f, wsum_f, gh_f, gw_f = _loss_and_grads("reference", h, w, labels, tw, scale=1.3, vocab_size=vocab)
-            w_local = w[rank * local:(rank + 1) * local]
-            for mode in ("reference", "triton"):
-                loss, wsum, gh, gw = _loss_and_grads(mode, h, w_local, labels, tw, scale=1.3, tp_group=group,
-                                                     vocab_size=vocab, chunk_size=6)
-                msg = f"rank {rank} case {case} mode {mode}"
-                torch.testing.assert_close(loss, loss_f, rtol=1e-5, atol=1e-5, msg=msg)
-                torch.testing.assert_close(wsum, wsum_f, rtol=1e-6, atol=0, msg=msg)
-                torch.testing.assert_close(gw, gw_f[rank * local:(rank + 1) * local], rtol=1e-5, atol=1e-5, msg=msg)
-                # the hidden gradient is a partial sum (unless the other rank holds only padding);
-                # the caller all-reduces it over tp
-                if vocab > local:
-                    assert not torch.allclose(gh, gh_f, rtol=1e-3, atol=1e-4), msg
-                dist.all_reduce(gh, group=group)
-                torch.testing.assert_close(gh, gh_f, rtol=1e-5, atol=1e-5, msg=msg)
-    finally:
-        dist.destroy_process_group()
+def _tp_worker(rank: int, world: int, seed: int) -> None:
+    group = dist.new_group(list(range(world)))
+    for case, (tokens, hidden, local, vocab) in enumerate([(23, 12, 40, 75), (10, 8, 24, 48), (9, 8, 20, 18)]):
+        torch.manual_seed(seed + case)
+        h, w, labels, tw = _inputs(tokens, hidden, local * world, vocab, device="cpu")
+        loss_f, wsum_f, gh_f, gw_f = _loss_and_grads("reference", h, w, labels, tw, scale=1.3, vocab_size=vocab)
+        w_local = w[rank * local:(rank + 1) * local]
+        for mode in ("reference", "triton"):
+            loss, wsum, gh, gw = _loss_and_grads(mode, h, w_local, labels, tw, scale=1.3, tp_group=group,
+                                                 vocab_size=vocab, chunk_size=6)
+            msg = f"rank {rank} case {case} mode {mode}"
+            torch.testing.assert_close(loss, loss_f, rtol=1e-5, atol=1e-5, msg=msg)
+            torch.testing.assert_close(wsum, wsum_f, rtol=1e-6, atol=0, msg=msg)
+            torch.testing.assert_close(gw, gw_f[rank * local:(rank + 1) * local], rtol=1e-5, atol=1e-5, msg=msg)
+            # the hidden gradient is a partial sum (unless the other rank holds only padding);
+            # the caller all-reduces it over tp
+            if vocab > local:
+                assert not torch.allclose(gh, gh_f, rtol=1e-3, atol=1e-4), msg
+            dist.all_reduce(gh, group=group)
+            torch.testing.assert_close(gh, gh_f, rtol=1e-5, atol=1e-5, msg=msg)
 
 
 def test_loss_vocab_parallel_two_ranks(seed):
     """2 gloo ranks, contiguous vocab slices (one case with a rank holding only padding) vs one process."""
-    mp.spawn(_tp_worker, args=(2, _free_port(), seed), nprocs=2, join=True)
+    run_distributed(_tp_worker, 2, seed)
 
 
 # ----------------------------------------------------------------------------- GPU

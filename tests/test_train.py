@@ -25,11 +25,11 @@ def _train(overrides):
     return trainer
 
 
-def _cli(overrides, **kw):
+def _cli(overrides, env_extra=None, **kw):
     args = [sys.executable, "-m", "engine.train", "--config", "examples/configs/tiny.yaml"]
     for o in overrides:
         args += ["--set", o]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, **(env_extra or {}))
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
 
@@ -51,17 +51,21 @@ def test_metrics_rows(reference_run):
 
 def test_resume_after_kill_continues_the_same_curve(synthetic_data, tmp_path, reference_run):
     run = str(tmp_path / "killed")
-    proc = _cli(tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3}))
-    latest = os.path.join(run, "checkpoints", "latest")
+    # The save at step 6 stalls after writing its files, so the kill lands after the step-3 checkpoint
+    # and before the run ends, however slowly this process polls.
+    proc = _cli(tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3}),
+                env_extra={"ENGINE_CHECKPOINT_SAVE_DELAY": "6:300"})
+    stalled = os.path.join(run, "checkpoints", ".tmp-step_00000006", "rank_00000.rng.pt")
     deadline = time.time() + 300
-    while not os.path.exists(latest) and proc.poll() is None and time.time() < deadline:
+    while not os.path.exists(stalled) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate()[0].decode()
-    assert os.path.exists(latest), out
+    latest = os.path.join(run, "checkpoints", "latest")
+    assert os.path.exists(stalled) and os.path.exists(latest), out[-3000:]
     with open(latest) as f:
         saved = int(f.read().split("_")[1])
-    assert saved < 8
+    assert saved == 3
     _train(tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3}))
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 9))
