@@ -1,9 +1,13 @@
-"""``python -m engine.plan --config C --nodes N --gpus-per-node G [--gpu h100] [--set k=v ...] [--json]``
+"""``python -m engine.plan --config C --nodes N --gpus-per-node G [--gpu h100] [--set k=v ...] [--json]
+[--rehearse-rank R [--init-from DIR]]``
 
 Shows, before any GPU is booked, what every rank of a layout holds (parameters of the ViT,
 projector and LLM shards, built on the meta device; weights, gradients, optimizer state and
 activations), whether it fits the GPU's memory, and a roofline estimate of the step time and
-MFU. Exit status 0: the layout works; 1: it does not (one message says why); 2: bad config.
+MFU. ``--rehearse-rank R`` also builds, on this CPU, exactly the shards rank R would hold (real
+initial values, or the real slices of ``--init-from``) and reports ``rehearsal``: its parameter
+count and bytes, peak host memory and seconds. Exit status 0: the layout works; 1: it does not
+(one message says why); 2: bad config.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--visual-share", type=float, default=None,
                    help="share of microbatch tokens that are image tokens (default 0.9 x (1 - data.lm_ratio))")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rehearse-rank", type=int, default=None, metavar="R",
+                   help="build rank R's shards on this machine and measure time and host memory")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="with --rehearse-rank: read rank R's slices of this transformers checkpoint "
+                        "(default: train.init_from, else the initialisation)")
     return p.parse_args(argv)
 
 
@@ -47,10 +56,24 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"plan: {e}", file=sys.stderr)
         return 2
+    out = plan_dict(plan)
+    if args.rehearse_rank is not None and plan.ok:
+        from engine.planning.rehearse import rehearse
+
+        try:
+            out["rehearsal"] = rehearse(cfg, plan.world, args.rehearse_rank, args.init_from)
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            print(f"rehearsal: {e.args[0] if e.args else e}", file=sys.stderr)
+            return 2
     if args.json:
-        print(json.dumps(plan_dict(plan), indent=1))
+        print(json.dumps(out, indent=1))
     else:
         print(plan_text(plan))
+        if "rehearsal" in out:
+            r = out["rehearsal"]
+            print(f"Rehearsal of rank {r['rank']} (LLM stage {r['llm_stage']}, from {r['source']}): "
+                  f"{r['params']:,} parameters, {r['param_bytes'] / 2**30:.2f} GiB, built in {r['seconds']:.1f} s, "
+                  f"peak host memory {r['peak_rss_gib']:.2f} GiB")
     if not plan.ok:
         print(plan.message(), file=sys.stderr)
         return 1

@@ -88,6 +88,12 @@ class LocalRunner:
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.pad_id = pad_id
+        from engine.parallel.materialize import is_meta, materialize_for
+
+        if is_meta(model):  # built on the meta device: one process holds every slice of the plan
+            from engine.parallel.plan import plan_for
+
+            model = materialize_for(model, cfg, plan_for(cfg), {"llm": (0, 1), "vit": (0, 1)}, device)
         self.model = model.to(device)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
         if cfg.balance.enabled:

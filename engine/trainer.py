@@ -103,14 +103,21 @@ def load_initial_weights(model: InternVLModel, path: str) -> None:
     log.info("initial weights from %s", path)
 
 
-def build_model(cfg: Config) -> InternVLModel:
-    """The full single-process model, identical on every rank (same seed)."""
+def build_model(cfg: Config, meta: bool = False) -> InternVLModel:
+    """The single-process model. ``meta=True``: shapes only, on the meta device; the runner then
+    materialises this rank's shards alone, directly on its device, with the values below (or
+    ``train.init_from``'s slices). Otherwise the whole model on the host, initialised from
+    ``train.seed`` (``InternVLModel.init_weights``) or loaded from ``train.init_from``."""
     from engine.models.kernel_select import configure_kernels
 
-    torch.manual_seed(cfg.train.seed)
-    model = InternVLModel(cfg.model)
-    if cfg.train.init_from:
-        load_initial_weights(model, cfg.train.init_from)
+    if meta:
+        with torch.device("meta"):
+            model = InternVLModel(cfg.model, init=False)
+    else:
+        model = InternVLModel(cfg.model, init=False)
+        model.init_weights(cfg.train.seed)
+        if cfg.train.init_from:
+            load_initial_weights(model, cfg.train.init_from)
     configure_kernels(model, cfg.kernels)
     model.set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.freeze_vit:
@@ -118,8 +125,23 @@ def build_model(cfg: Config) -> InternVLModel:
     return model
 
 
+def peak_host_memory_gib() -> float:
+    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class Trainer:
     def __init__(self, cfg: Config):
+        self._t_start = time.perf_counter()
         self.cfg = cfg
         self.rank, self.world, self.local_rank = init_distributed()
         setup_logging(self.rank)
@@ -136,7 +158,7 @@ class Trainer:
         sync_token_ids(cfg, self.tokenizer)
         self.loader = build_step_loader(cfg, self.tokenizer)
 
-        model = build_model(cfg)
+        model = build_model(cfg, meta=True)
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
         if self.world > 1:
             from engine.parallel.runner import ParallelRunner
@@ -155,6 +177,25 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        self.setup_seconds = time.perf_counter() - self._t_start
+
+    def setup_report(self) -> dict:
+        """Every rank's set-up time and peak host memory so far (collective), logged by rank 0."""
+        seconds = getattr(self, "setup_seconds", None)
+        if seconds is None:  # a subclass with its own set-up: until now
+            seconds = time.perf_counter() - getattr(self, "_t_start", time.perf_counter())
+        mine = torch.tensor([seconds, peak_host_memory_gib()], dtype=torch.float64)
+        rows = [mine]
+        if self.world > 1:
+            rows = [torch.empty_like(mine) for _ in range(self.world)]
+            dist.all_gather(rows, mine)
+        secs, mem = [float(r[0]) for r in rows], [float(r[1]) for r in rows]
+        if self.rank == 0:
+            log.info("set-up: %.1f-%.1f s per rank, peak host memory %.2f-%.2f GiB per rank", min(secs), max(secs),
+                     min(mem), max(mem))
+            for r, (t, m) in enumerate(zip(secs, mem)):
+                log.info("set-up: rank %d %.1f s, peak host memory %.2f GiB", r, t, m)
+        return {"setup/seconds_max": max(secs), "setup/peak_host_gib_max": max(mem)}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -247,9 +288,12 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, cfg.steps, self.step, enabled=self.rank == 0,
                                 progress=cfg.progress, tensorboard=cfg.tensorboard)
         history = []
+        setup = self.setup_report()
         try:
             while self.step < cfg.steps:
                 row = self.train_step()
+                if setup:  # the first step's row carries the set-up figures
+                    row, setup = {**row, **setup}, {}
                 history.append(row)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     metrics.log(self.step, row)

@@ -103,12 +103,22 @@ def _shards_and_saved(rank: int, preset: str, overrides: list[str]) -> dict:
     from engine.parallel.tensor_parallel import shard_info
     from engine.trainer import build_model
 
+    from engine.parallel.tensor_parallel import shard_tensor
+
     cfg = make_cfg(preset, overrides)
-    runner = ParallelRunner(build_model(cfg), cfg, torch.device("cpu"))
+    runner = ParallelRunner(build_model(cfg, meta=True), cfg, torch.device("cpu"))  # materialises its own shards
     got = {n: (tuple(p.shape), shard_info(p)) for n, p in runner.model.named_parameters()}
+    full = build_model(cfg).state_dict()  # the one-process model, same seed
+    grids = {"llm": runner.topo.llm, "vit": runner.topo.vit}
+    differ = []
+    for n, p in runner.model.named_parameters():
+        info, grid = shard_info(p), grids[shard_info(p).grid]
+        want = shard_tensor(full[n], info, grid.coord("tp"), grid.size("tp")) if info.dim is not None else full[n]
+        if not torch.equal(p.detach(), want):
+            differ.append(n)
     sh = stage_shards(build_meta_model(cfg), cfg, runner.pp_rank)
     want = {n: (tuple(t.shape), sh.infos[n]) for n, t in sh.params.items()}
-    out = {"got": got, "want": want, "stage": runner.pp_rank}
+    out = {"got": got, "want": want, "stage": runner.pp_rank, "differ": differ}
     if cfg.parallel.zero1:
         dps = {"vit": runner.topo.vit.size("dp_hp"), "llm": runner.topo.llm.size("dp_hp")}
         out["zero_got"] = sum(m.numel() for m in runner.optimizer._masters())
@@ -160,8 +170,9 @@ def _all_layouts(rank: int, world: int, layouts: dict) -> dict:
 
 
 def test_shards_and_activations_match_the_engine():
-    """Per rank, for each layout: the planner's meta shards have the shapes and ``ShardInfo`` of
-    the parameters ``ParallelRunner`` builds, ZeRO-1 owns as many elements as planned, and the
+    """Per rank, for each layout: ``ParallelRunner`` built from a meta model materialises exactly
+    the one-process model's slices; the planner's meta shards have the shapes and ``ShardInfo`` of
+    the parameters it builds, ZeRO-1 owns as many elements as planned, and the
     activation formulas give the bytes the sharded layers save."""
     per_rank = run_distributed(_all_layouts, 4, LAYOUTS, timeout=300)
     for name, (preset, overrides) in LAYOUTS.items():
@@ -169,6 +180,7 @@ def test_shards_and_activations_match_the_engine():
         for rank, r in enumerate(results):
             where = f"{name}, rank {rank}"
             assert r["got"].keys() == r["want"].keys(), f"{where}: {sorted(r['got'].keys() ^ r['want'].keys())}"
+            assert not r["differ"], f"{where}: shards differ from the one-process slices: {r['differ'][:5]}"
             for key, (shape, info) in r["got"].items():
                 assert (shape, info) == r["want"][key], f"{where} {key}: engine {shape} {info}, plan {r['want'][key]}"
             if "zero_got" in r:

@@ -96,6 +96,8 @@ def test_mpo_matches_single_process(results, name):
             assert parallel[key] == pytest.approx(single[key], rel=1e-4, abs=1e-6), (rank, key)
         assert single["rewards/margin"] != 0 and single["mpo/bco"] > 0
         assert r["worst"] < 1e-4, (rank, r["worst"])
-        assert r["delta"][0] == pytest.approx(r["delta"][1], rel=1e-6)
+        # delta is a linear function of the step's mean rewards (each compared above at rel 1e-4);
+        # those are differences of float32 sequence log-probs, so delta carries their noise too
+        assert r["delta"][0] == pytest.approx(r["delta"][1], rel=1e-4, abs=1e-6)
     covered = set().union(*(set(res[name]["names"]) for res in results))
     assert covered == set(results[0][name]["all_names"])  # every gradient was compared on some rank

@@ -42,18 +42,16 @@ class InternVLModel(nn.Module):
             self.init_weights()
 
     # ------------------------------------------------------------------ construction
-    def init_weights(self) -> None:
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=std)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Embedding):
-                nn.init.normal_(m.weight, std=std)
-        emb = self.vision_model.embeddings
-        nn.init.normal_(emb.class_embedding, std=std)
-        nn.init.normal_(emb.position_embedding, std=std)
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """Normal(initializer_range) weights, zero biases, unit norms, layer scales at their init
+        value; the values depend on ``seed`` and each parameter's name only (``engine.models.init``),
+        so every parallel layout builds its slices of exactly this model. ``seed=None`` draws one
+        from torch's global generator."""
+        from engine.models.init import initialize
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)))
+        initialize(self, seed, self.config.initializer_range, self.config.vision.layer_scale_init)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.vision_model.activation_checkpointing = enabled

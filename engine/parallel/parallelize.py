@@ -1,8 +1,10 @@
 """Apply tensor, sequence and head parallelism to the single-process InternVL model.
 
-Every rank builds the same full model from the same seed; ``parallelize_*`` swaps its modules
-for sharded ones in place, keeping parameter names, so names and ``gather_full_state_dict``
-line up with the single-process model.
+``parallelize_*`` swaps the model's modules for sharded ones in place, as the parallel plan
+(``engine.parallel.plan``) says, keeping parameter names, so names and ``gather_full_state_dict``
+line up with the single-process model. The model is normally on the meta device (shapes only:
+``engine.parallel.materialize`` then gives this rank's shards their values); a real model, the
+same on every rank, is cut into shards on the host.
 
 Gradient contract (per parameter, ``param.shard_info.grad_sum``): after backward each rank holds
 its shard's gradient, complete except over the named group of the parameter's grid, over which
@@ -32,7 +34,8 @@ from engine.parallel.mappings import (Group, all_reduce_stat, group_size, reduce
                                       reduce_scatter_to_sequence, scatter_to_sequence)
 from engine.parallel.tensor_parallel import (ColumnParallelLinear, RegionEntry, RowParallelLinear, ShardInfo,
                                              VocabParallelEmbedding, VocabParallelLoss, gather_full, make_param,
-                                             padded_vocab, shard_info, tag)
+                                             shard_info, tag)
+from engine.parallel.plan import ParallelPlan
 from engine.parallel.topology import Grid, Topology
 from engine.parallel.ulysses import (LocalTokens, TileGather, TilePadding, TileSplit, UlyssesAttention, local_slice,
                                      shard_batch)
@@ -44,10 +47,6 @@ def check_layout(cfg: Config, world: Optional[int] = None) -> None:
     v, vt = cfg.model.vision, cfg.parallel.vit.tp
     if vt > v.num_heads:
         raise ConfigError(f"parallel.vit.tp={vt} exceeds model.vision.num_heads={v.num_heads}")
-
-
-def _grad_sum(hp: bool, tp: bool) -> Optional[str]:
-    return {(True, True): "tp_hp", (True, False): "hp", (False, True): "tp"}.get((hp, tp))
 
 
 def _tag_rest(module: nn.Module, info: ShardInfo) -> None:
@@ -91,76 +90,77 @@ class ModelLayout:
     vit: ViTLayout
 
 
-def parallelize_llm(lm: QwenLM, grid: Grid, cfg: Config, vocab_multiple: int = 1) -> tuple[QwenLM, LLMLayout]:
-    """Shard a (pipeline stage of a) ``QwenLM`` over ``grid``'s tp and hp groups. The embedding and
-    LM head, when present, are split over the vocabulary padded to ``tp * vocab_multiple``."""
+def parallelize_llm(lm: QwenLM, grid: Grid, cfg: Config, plan: Optional[ParallelPlan] = None) -> tuple[QwenLM, LLMLayout]:
+    """Shard a ``QwenLM`` (all its layers; the runner drops those of other pipeline stages) over
+    ``grid``'s tp and hp groups as ``plan`` says; the embedding and LM head are split over the
+    padded vocabulary."""
+    plan = plan or ParallelPlan(cfg)
     c, tp, hp = lm.cfg, grid.size("tp"), grid.size("hp")
     tpg, hpg = grid.group("tp"), grid.group("hp")
     sp = cfg.parallel.llm.sp and tp > 1
-    sharded, replicated = _grad_sum(hp > 1, False), _grad_sum(hp > 1, sp)
 
-    def info(dim: Optional[int], full: int = 0, padded: int = 0, replicas: int = 1) -> ShardInfo:
-        return ShardInfo("llm", dim, full, padded or full, replicas, sharded if dim is not None else replicated)
+    def info(name: str) -> ShardInfo:
+        return plan[f"language_model.{name}"].info
 
-    q_size, kv_size, ffn = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    kv_replicas = max(1, tp // c.num_kv_heads)
-    for layer in lm.layers:
+    replicated = info("norm.weight")
+    for i, layer in enumerate(lm.layers):
         a, m = layer.self_attn, layer.mlp
+        at, ml = f"layers.{i}.self_attn", f"layers.{i}.mlp"
         if tp > 1:
-            a.q_proj = ColumnParallelLinear(a.q_proj, info(0, q_size), tpg)
-            a.k_proj = ColumnParallelLinear(a.k_proj, info(0, kv_size, replicas=kv_replicas), tpg)
-            a.v_proj = ColumnParallelLinear(a.v_proj, info(0, kv_size, replicas=kv_replicas), tpg)
-            a.o_proj = RowParallelLinear(a.o_proj, info(1, q_size), info(None), tpg, sp)
-            m.gate_proj = ColumnParallelLinear(m.gate_proj, info(0, ffn), tpg)
-            m.up_proj = ColumnParallelLinear(m.up_proj, info(0, ffn), tpg)
-            m.down_proj = RowParallelLinear(m.down_proj, info(1, ffn), info(None), tpg, sp)
+            a.q_proj = ColumnParallelLinear(a.q_proj, info(f"{at}.q_proj.weight"), tpg)
+            a.k_proj = ColumnParallelLinear(a.k_proj, info(f"{at}.k_proj.weight"), tpg)
+            a.v_proj = ColumnParallelLinear(a.v_proj, info(f"{at}.v_proj.weight"), tpg)
+            a.o_proj = RowParallelLinear(a.o_proj, info(f"{at}.o_proj.weight"), replicated, tpg, sp)
+            m.gate_proj = ColumnParallelLinear(m.gate_proj, info(f"{ml}.gate_proj.weight"), tpg)
+            m.up_proj = ColumnParallelLinear(m.up_proj, info(f"{ml}.up_proj.weight"), tpg)
+            m.down_proj = RowParallelLinear(m.down_proj, info(f"{ml}.down_proj.weight"), replicated, tpg, sp)
             layer.input_layernorm.register_forward_hook(RegionEntry(tpg, sp))
             layer.post_attention_layernorm.register_forward_hook(RegionEntry(tpg, sp))
         if hp > 1:
             a.core = UlyssesAttention(a.core, hpg)
     loss_fn: LossFn = reference_linear_loss
     if tp > 1:
-        vocab = padded_vocab(c.vocab_size, tp, vocab_multiple)
         if lm.embed_tokens is not None:
-            lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, info(0, c.vocab_size, vocab), tpg)
+            lm.embed_tokens = VocabParallelEmbedding(lm.embed_tokens, info("embed_tokens.weight"), tpg)
         if lm.norm is not None:
             lm.norm.register_forward_hook(RegionEntry(tpg, sp))
         if lm.lm_head is not None:
-            head_info = info(0, c.vocab_size, vocab)
+            head_info = info("lm_head.weight")
             lm.lm_head = ColumnParallelLinear(lm.lm_head, head_info, tpg)
             start = head_info.local_range(grid.local_rank("tp"), tp)[0]
             loss_fn = VocabParallelLoss(start, c.vocab_size, tpg)
-    _tag_rest(lm, info(None))
+    for name, p in lm.named_parameters():
+        if not hasattr(p, "shard_info"):
+            tag(p, info(name))
     return lm, LLMLayout(grid, sp, loss_fn, cfg.model.img_context_token_id)
 
 
-def parallelize_vit(vit: InternViT, grid: Grid, cfg: Config) -> tuple[InternViT, ViTLayout]:
-    """Shard ``InternViT`` over ``grid``: heads padded with zero heads to a multiple of tp, the
-    full-width qk-norm reducing its statistics over tp, tile tokens split over hp (and tp with
-    sequence parallelism). ``vit(pixel_values)`` keeps its signature and full output."""
-    c, tp, hp = vit.cfg, grid.size("tp"), grid.size("hp")
+def parallelize_vit(vit: InternViT, grid: Grid, cfg: Config, plan: Optional[ParallelPlan] = None) -> tuple[InternViT, ViTLayout]:
+    """Shard ``InternViT`` over ``grid`` as ``plan`` says: heads padded with zero heads to a
+    multiple of tp, the full-width qk-norm reducing its statistics over tp, tile tokens split over
+    hp (and tp with sequence parallelism). ``vit(pixel_values)`` keeps its signature and full output."""
+    plan = plan or ParallelPlan(cfg)
+    tp, hp = grid.size("tp"), grid.size("hp")
     tpg, hpg = grid.group("tp"), grid.group("hp")
     sp = cfg.parallel.vit.sp and tp > 1
-    sharded, replicated = _grad_sum(hp > 1, False), _grad_sum(hp > 1, sp)
 
-    def info(dim: Optional[int], full: int = 0, padded: int = 0) -> ShardInfo:
-        return ShardInfo("vit", dim, full, padded or full, 1, sharded if dim is not None else replicated)
+    def info(name: str) -> ShardInfo:
+        return plan[f"vision_model.{name}"].info
 
-    C, ffn = c.hidden_size, c.intermediate_size
-    C_pad = -(-c.num_heads // tp) * tp * c.head_dim
     padding = TilePadding()
-    for layer in vit.layers:
-        a, m = layer.attn, layer.mlp
+    for i, layer in enumerate(vit.layers):
+        a, m, at = layer.attn, layer.mlp, f"layers.{i}.attn"
+        replicated = info(f"layers.{i}.norm1.weight")
         if tp > 1:
             for name in ("q_proj", "k_proj", "v_proj"):
-                setattr(a, name, ColumnParallelLinear(getattr(a, name), info(0, C, C_pad), tpg))
+                setattr(a, name, ColumnParallelLinear(getattr(a, name), info(f"{at}.{name}.weight"), tpg))
             if a.qk_normalization:
-                for norm in (a.q_norm, a.k_norm):  # full_dim stays the real hidden size
-                    norm.weight = make_param(norm.weight, info(0, C, C_pad), tpg)
+                for key, norm in (("q_norm", a.q_norm), ("k_norm", a.k_norm)):  # full_dim stays the real hidden size
+                    norm.weight = make_param(norm.weight, info(f"{at}.{key}.weight"), tpg)
                     norm.stat_reduce = functools.partial(all_reduce_stat, group=tpg)
-            a.proj = RowParallelLinear(a.proj, info(1, C, C_pad), info(None), tpg, sp)
-            m.fc1 = ColumnParallelLinear(m.fc1, info(0, ffn), tpg)
-            m.fc2 = RowParallelLinear(m.fc2, info(1, ffn), info(None), tpg, sp)
+            a.proj = RowParallelLinear(a.proj, info(f"{at}.proj.weight"), replicated, tpg, sp)
+            m.fc1 = ColumnParallelLinear(m.fc1, info(f"layers.{i}.mlp.fc1.weight"), tpg)
+            m.fc2 = RowParallelLinear(m.fc2, info(f"layers.{i}.mlp.fc2.weight"), replicated, tpg, sp)
             layer.norm1.register_forward_hook(RegionEntry(tpg, sp))
             layer.norm2.register_forward_hook(RegionEntry(tpg, sp))
         if hp > 1 or sp:
@@ -169,25 +169,48 @@ def parallelize_vit(vit: InternViT, grid: Grid, cfg: Config) -> tuple[InternViT,
         split = TileSplit(hpg, tpg if sp else None, padding)
         vit.embeddings.register_forward_hook(split)
         vit.register_forward_hook(TileGather(split))
-    _tag_rest(vit, info(None))
+    for name, p in vit.named_parameters():
+        if not hasattr(p, "shard_info"):
+            tag(p, info(name))
     return vit, ViTLayout(grid, sp, padding)
 
 
 def parallelize_model(model: InternVLModel, topology: Topology, cfg: Config,
-                      vocab_multiple: int = 1) -> tuple[InternVLModel, ModelLayout]:
+                      plan: Optional[ParallelPlan] = None) -> tuple[InternVLModel, ModelLayout]:
     """Both grids' layouts on a full model; the projector stays replicated (it is well under 1%
     of the ViT's FLOPs, and a replicated projector keeps the ViT->LLM hand-over free of
     collectives). With llm tp > 1 ``model.loss_fn`` becomes the vocab-parallel loss; otherwise
     the model's own ``loss_fn`` (e.g. a fused kernel) is kept and used by the layout."""
     check_layout(cfg, topology.world)
-    model.vision_model, vit = parallelize_vit(model.vision_model, topology.vit, cfg)
-    model.language_model, llm = parallelize_llm(model.language_model, topology.llm, cfg, vocab_multiple)
+    plan = plan or ParallelPlan(cfg)
+    model.vision_model, vit = parallelize_vit(model.vision_model, topology.vit, cfg, plan)
+    model.language_model, llm = parallelize_llm(model.language_model, topology.llm, cfg, plan)
     _tag_rest(model.projector, ShardInfo("vit"))
     if topology.llm.size("tp") > 1:
         model.loss_fn = llm.loss_fn
     else:
         llm.loss_fn = model.loss_fn
     return model, ModelLayout(topology, llm, vit)
+
+
+def keep_stage(model: InternVLModel, plan: ParallelPlan, pp_rank: int) -> InternVLModel:
+    """Drop the LLM modules whose parameters the plan gives to other pipeline stages (decoder
+    layers become ``nn.Identity``; the embedding, final norm and LM head become None)."""
+    lm = model.language_model
+
+    def held(prefix: str) -> bool:
+        return plan[f"language_model.{prefix}.weight"].held_by(pp_rank)
+
+    for i in range(len(lm.layers)):
+        if not held(f"layers.{i}.input_layernorm"):
+            lm.layers[i] = nn.Identity()
+    if lm.embed_tokens is not None and not held("embed_tokens"):
+        lm.embed_tokens = None
+    if lm.norm is not None and not held("norm"):
+        lm.norm = None
+    if lm.lm_head is not None and not held("lm_head"):
+        lm.lm_head = None
+    return model
 
 
 # ----------------------------------------------------------------------------- forward

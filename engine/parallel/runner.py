@@ -35,7 +35,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.balance.cost import CostModel
@@ -49,9 +48,11 @@ from engine.data.packing import first_fit
 from engine.models.llm import QwenLM
 from engine.parallel.data_parallel import GradReducer, build_zero_optimizer, clip_grad_norm
 from engine.parallel.exchange import ExchangePlan, VisualExchange
-from engine.parallel.parallelize import (LLMLayout, check_layout, embed_tokens, gather_full_state_dict, loss_terms,
-                                         parallelize_model, reduce_model_parallel_grads, shard_tokens)
-from engine.parallel.pipeline import PipelineExecutor, build_program, rank_layers
+from engine.parallel.materialize import is_meta, materialize_for
+from engine.parallel.parallelize import (LLMLayout, check_layout, embed_tokens, gather_full_state_dict, keep_stage,
+                                         loss_terms, parallelize_model, reduce_model_parallel_grads, shard_tokens)
+from engine.parallel.pipeline import PipelineExecutor, build_program
+from engine.parallel.plan import plan_for
 from engine.parallel.tensor_parallel import shard_info
 from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
@@ -133,8 +134,10 @@ def counted_once(p: torch.Tensor, grid: Grid) -> bool:
 
 
 class ParallelRunner:
-    """Shards ``model`` (the full single-process model, identical on every rank) for the layout
-    of ``cfg.parallel`` over the default process group."""
+    """Runs ``model`` under the layout of ``cfg.parallel`` over the default process group. ``model``
+    is the single-process model, either built on the meta device (``build_model(cfg, meta=True)``:
+    this rank then materialises only its own shards, on its device) or a real one identical on
+    every rank (cut into shards on the host)."""
 
     def __init__(self, model, cfg: Config, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
                  pad_id: int = 0):
@@ -146,22 +149,16 @@ class ParallelRunner:
             raise ConfigError(f"parallel.llm.pp={L.pp} needs model.llm.tie_word_embeddings=false")
         self.cfg, self.device, self.autocast_dtype, self.pad_id = cfg, device, autocast_dtype, pad_id
         self.topo = build_topology(cfg, dist.get_rank(), dist.get_world_size())
-        self.model, self.layout = parallelize_model(model, self.topo, cfg)  # shards on the host first
+        self.plan = plan_for(cfg)
+        self.model, self.layout = parallelize_model(model, self.topo, cfg, self.plan)  # on meta when built there
         llm, lm = self.topo.llm, self.model.language_model
         self.pp_rank = llm.coord("pp")
-        split = getattr(L, "layers_per_stage", None) or None  # optional list, one entry per virtual stage
-        try:
-            self.ranges = rank_layers(len(lm.layers), L.pp, L.vpp, split)[self.pp_rank]
-        except ValueError as e:
-            raise ConfigError(f"parallel.llm.layers_per_stage / pp={L.pp} x vpp={L.vpp}: {e}") from None
-        owned = {i for r in self.ranges for i in r}
-        for i in range(len(lm.layers)):
-            if i not in owned:
-                lm.layers[i] = nn.Identity()
-        if self.pp_rank > 0:
-            lm.embed_tokens = None
-        if self.pp_rank < L.pp - 1:
-            lm.norm, lm.lm_head = None, None
+        self.ranges = self.plan.ranges[self.pp_rank]
+        keep_stage(self.model, self.plan, self.pp_rank)
+        if is_meta(self.model):  # only now, and only this rank's shards, get memory (on the device)
+            materialize_for(self.model, cfg, self.plan, {"llm": (llm.coord("tp"), llm.size("tp")),
+                                                         "vit": (self.topo.vit.coord("tp"), self.topo.vit.size("tp"))},
+                            device)
         self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)

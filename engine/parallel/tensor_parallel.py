@@ -79,13 +79,18 @@ def make_param(full: torch.Tensor, info: ShardInfo, tp_group: Group) -> nn.Param
     tp_rank, tp = group_rank(tp_group), group_size(tp_group)
     p = nn.Parameter(shard_tensor(full, info, tp_rank, tp), requires_grad=full.requires_grad)
     p.shard_info = info  # type: ignore[attr-defined]
+    mask_padding_grad(p, info, tp_rank, tp)
+    return p
+
+
+def mask_padding_grad(p: nn.Parameter, info: ShardInfo, tp_rank: int, tp: int) -> None:
+    """Zero the gradient of this shard's zero-padding rows, so that they stay exactly zero."""
     if info.dim is not None and info.padded > info.full:
         a, b = info.local_range(tp_rank, tp)
-        keep = (torch.arange(a, b) < info.full).to(p.dtype)
+        keep = (torch.arange(a, b) < info.full).to(torch.float32)
         if p.requires_grad and not bool(keep.all()):
             keep = keep.view([-1] + [1] * (p.dim() - 1 - info.dim))
             p.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype))
-    return p
 
 
 def tag(p: nn.Parameter, info: ShardInfo) -> None:

@@ -135,7 +135,7 @@ def vit_tile_tokens(cfg: Config) -> tuple[int, int, int]:
 def vit_layer_bytes_per_tile(cfg: Config, backend: Backend = GPU_BACKEND) -> int:
     """Saved activations of one ViT layer per tile, on one rank."""
     v, V = cfg.model.vision, cfg.parallel.vit
-    from engine.planning.shards import vit_padded_hidden
+    from engine.parallel.plan import vit_padded_hidden
 
     C, Cl = v.hidden_size, vit_padded_hidden(cfg) // V.tp
     heads, Fl = vit_padded_hidden(cfg) // v.head_dim // V.tp, v.intermediate_size // V.tp
@@ -176,7 +176,7 @@ def vit_bytes_per_tile(cfg: Config, backend: Backend = GPU_BACKEND) -> int:
 
 def vit_matrix_params(cfg: Config) -> int:
     v, V = cfg.model.vision, cfg.parallel.vit
-    from engine.planning.shards import vit_padded_hidden
+    from engine.parallel.plan import vit_padded_hidden
 
     C, Cl = v.hidden_size, vit_padded_hidden(cfg) // V.tp
     return 4 * C * Cl + 2 * C * (v.intermediate_size // V.tp)

@@ -24,7 +24,8 @@ from engine.planning.activations import (GPU_BACKEND, Backend, LLMDims, llm_laye
                                          vocab_local)
 from engine.planning.hardware import GPU
 from engine.planning.memory import Layout, Workload
-from engine.planning.shards import StageShards, vit_padded_hidden
+from engine.parallel.plan import vit_padded_hidden
+from engine.planning.shards import StageShards
 
 WEIGHT_TRAFFIC = 24  # bytes per parameter per microbatch (cast, backward reads, fp32 accumulation)
 

@@ -164,19 +164,6 @@ class MPOLocalRunner(_MPOSteps, LocalRunner):
         self._load_shift(state)
 
 
-def _keep_stage(model, ranges: Sequence[range], pp_rank: int, pp: int) -> None:
-    """Drop what this pipeline rank does not own (as ``ParallelRunner`` does for the policy)."""
-    lm = model.language_model
-    owned = {i for r in ranges for i in r}
-    for i in range(len(lm.layers)):
-        if i not in owned:
-            lm.layers[i] = nn.Identity()
-    if pp_rank > 0:
-        lm.embed_tokens = None
-    if pp_rank < pp - 1:
-        lm.norm, lm.lm_head = None, None
-
-
 class MPOStages:
     """Pipeline stage functions of the policy: embedding / decoder slices / MPO head. The last
     virtual stage turns the microbatch's log-probs into its share of the MPO loss."""
@@ -213,10 +200,10 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
         ParallelRunner.__init__(self, model, cfg, device, autocast_dtype, pad_id)
         self.reference, self.ref_layout = None, None
         if ref_full is not None:
-            from engine.parallel.parallelize import parallelize_model
+            from engine.parallel.parallelize import keep_stage, parallelize_model
 
-            self.reference, self.ref_layout = parallelize_model(ref_full, self.topo, cfg)  # on the host first
-            _keep_stage(self.reference, self.ranges, self.pp_rank, cfg.parallel.llm.pp)
+            self.reference, self.ref_layout = parallelize_model(ref_full, self.topo, cfg, self.plan)  # on the host first
+            keep_stage(self.reference, self.plan, self.pp_rank)
             self.reference.requires_grad_(False).to(device)
 
     # ------------------------------------------------------------------ stage pieces

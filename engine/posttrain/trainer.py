@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Optional
 
 import torch.distributed as dist
@@ -32,6 +33,7 @@ log = logging.getLogger("engine.posttrain")
 
 class PostTrainer(Trainer):
     def __init__(self, cfg: Config, pt: PostTrainConfig):
+        self._t_start = time.perf_counter()
         self.cfg, self.pt = cfg, pt
         self.rank, self.world, self.local_rank = init_distributed()
         setup_logging(self.rank)
