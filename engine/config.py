@@ -139,6 +139,9 @@ class TrainConfig:
     keep_last: int = 2
     async_save: bool = False  # write checkpoints in a background thread (final and signal saves wait)
     resume: str = "auto"  # auto (latest in run dir) | none | path
+    max_bad_steps: int = 5  # consecutive skipped (non-finite / spiking) steps before the run stops
+    spike_factor: float = 0.0  # skip a step whose loss exceeds this x the max of recent good losses (0: off)
+    spike_window: int = 100  # how many recent good losses the spike guard looks at
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -183,6 +186,23 @@ class KernelsConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation during training: the loss (same token weighting) over a fixed set."""
+
+    meta_path: str = ""  # InternVL meta JSON of the held-out data
+    text_corpus: str = ""  # optional held-out text corpus, mixed at data.lm_ratio
+    interval: int = 0  # evaluate every this many steps (0: never)
+    samples: int = 64  # the first this many samples of the held-out order; a multiple of train.global_batch
+
+
+@dataclass
+class FaultsConfig:
+    """Fault drills: deliberate failures, for the tests and for checking a new cluster."""
+
+    nan_at_steps: list[int] = field(default_factory=list)  # steps whose loss becomes NaN on one rank
+
+
+@dataclass
 class RunConfig:
     dir: str = ""  # default: runs/<name>
     name: str = "run"
@@ -197,6 +217,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     balance: BalanceConfig = field(default_factory=BalanceConfig)
     kernels: KernelsConfig = field(default_factory=KernelsConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     @property
     def run_dir(self) -> str:
@@ -468,6 +490,22 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
     _check(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0")
     _check(t.keep_last >= 1, f"train.keep_last={t.keep_last} must be >= 1")
+    _check(t.max_bad_steps >= 1, f"train.max_bad_steps={t.max_bad_steps} must be >= 1")
+    _check(t.spike_factor == 0 or t.spike_factor > 1,
+           f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
+    _check(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
+    e = cfg.eval
+    _check(e.interval >= 0, f"eval.interval={e.interval} must be >= 0")
+    if e.interval:
+        _check(bool(e.meta_path), f"eval.interval={e.interval} needs eval.meta_path (the held-out data)")
+        for key, path in (("eval.meta_path", e.meta_path), ("eval.text_corpus", e.text_corpus)):
+            _check(not path or os.path.isfile(path), f"{key}={path!r}: file not found")
+        _check(e.samples >= 1 and e.samples % t.global_batch == 0,
+               f"eval.samples={e.samples} must be a positive multiple of train.global_batch={t.global_batch}")
+    nan_steps = cfg.faults.nan_at_steps
+    _check(isinstance(nan_steps, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
+                                               for s in nan_steps),
+           f"faults.nan_at_steps={nan_steps!r} must be a list of step numbers >= 1")
     _choice(t.dtype, "train.dtype", ("auto", "float32", "bfloat16"))
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     for k in ("rotary", "pixel_shuffle", "loss"):

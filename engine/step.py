@@ -45,8 +45,10 @@ def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
 
 
 def forward_backward(model, batches: Sequence[PackedBatch], device: torch.device,
-                     autocast_dtype: Optional[torch.dtype] = None, weight_total: Optional[float] = None) -> dict:
-    """Accumulate gradients of the global loss over ``batches``; returns loss and token counts."""
+                     autocast_dtype: Optional[torch.dtype] = None, weight_total: Optional[float] = None,
+                     poison: bool = False) -> dict:
+    """Accumulate gradients of the global loss over ``batches``; returns loss and token counts.
+    ``poison``: the fault drill ``faults.nan_at_steps`` (the first batch's loss becomes NaN)."""
     W = weight_total if weight_total is not None else float(sum(b.loss_weights.sum() for b in batches))
     stats = {"loss": 0.0, "weight_total": W, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0}
     if W <= 0:
@@ -55,6 +57,8 @@ def forward_backward(model, batches: Sequence[PackedBatch], device: torch.device
         b = b.to(device)
         with autocast_context(device, autocast_dtype):
             loss_sum, _ = model.loss_terms(b)
+        if poison:
+            loss_sum, poison = loss_sum * float("nan"), False
         (loss_sum / W).backward()
         stats["loss"] += float(loss_sum.detach()) / W
         stats["text_tokens"] += b.text_tokens
@@ -88,6 +92,7 @@ class LocalRunner:
         self.device = device
         self.autocast_dtype = autocast_dtype
         self.pad_id = pad_id
+        self.poison_loss = False  # fault drill: set by the trainer for faults.nan_at_steps
         from engine.parallel.materialize import is_meta, materialize_for
 
         if is_meta(model):  # built on the meta device: one process holds every slice of the plan
@@ -102,7 +107,7 @@ class LocalRunner:
     def forward_backward(self, samples: Sequence[Sample]) -> dict:
         groups = [g for g in split_contiguous(samples, self.cfg.parallel.llm.microbatches) if g]
         batches = [pack(g, self.cfg, self.pad_id) for g in groups]
-        return forward_backward(self.model, batches, self.device, self.autocast_dtype)
+        return forward_backward(self.model, batches, self.device, self.autocast_dtype, poison=self.poison_loss)
 
     def clip_grad_norm(self, max_norm: float) -> float:
         from engine.optim import clip_grad_norm

@@ -38,10 +38,16 @@ def main(argv=None) -> int:
 
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
         return 0
-    from engine.trainer import Trainer
+    from engine.trainer import Trainer, TrainingHealthError
 
     trainer = Trainer(cfg)
-    trainer.train()
+    try:
+        trainer.train()
+    except TrainingHealthError as e:
+        import logging
+
+        logging.getLogger("engine.trainer").error("stopping: %s; the last good checkpoint stays latest", e)
+        return 3
     if trainer.world > 1:
         import torch.distributed as dist
 

@@ -6,7 +6,9 @@ Runs as one process or under ``torchrun``; the parallel layout lives in the runn
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import random
 import signal
@@ -139,6 +141,44 @@ def peak_host_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+class TrainingHealthError(RuntimeError):
+    """Too many consecutive steps had to be skipped (non-finite or spiking loss / gradients)."""
+
+
+class StepHealth:
+    """Decides whether a step's update may be applied: the global loss and gradient norm must be
+    finite and, with ``train.spike_factor``, the loss no more than that factor times the largest of
+    the last ``train.spike_window`` good losses. A skipped step updates no weights, optimizer state
+    or learning-rate schedule; ``train.max_bad_steps`` skipped steps in a row stop the run."""
+
+    def __init__(self, cfg):
+        self.max_bad, self.factor = cfg.max_bad_steps, cfg.spike_factor
+        self.recent: collections.deque = collections.deque(maxlen=cfg.spike_window)
+        self.skipped = 0  # over the run (this process's life)
+        self.streak: list[int] = []  # the current run of consecutive skipped steps
+
+    def check(self, loss: float, grad_norm: float) -> Optional[str]:
+        """None when the step is good (its loss then counts as recent), else the reason."""
+        if not math.isfinite(loss):
+            return f"non-finite loss {loss}"
+        if not math.isfinite(grad_norm):
+            return f"non-finite gradient norm {grad_norm}"
+        if self.factor and self.recent and loss > self.factor * max(self.recent):
+            return f"loss spike {loss:.4g} > {self.factor} x {max(self.recent):.4g} (max of the last {len(self.recent)})"
+        self.recent.append(loss)
+        self.streak = []
+        return None
+
+    def skip(self, step: int, reason: str, sources: list[str]) -> None:
+        self.skipped += 1
+        self.streak.append(step)
+        shown = ", ".join(sources[:8]) + (f" (+{len(sources) - 8} more)" if len(sources) > 8 else "")
+        log.warning("step %d skipped (%s): no weights updated; its samples: %s", step, reason, shown)
+        if len(self.streak) >= self.max_bad:
+            raise TrainingHealthError(f"{len(self.streak)} consecutive steps skipped (train.max_bad_steps="
+                                      f"{self.max_bad}): steps {self.streak}; last: {reason}")
+
+
 class Trainer:
     def __init__(self, cfg: Config):
         self._t_start = time.perf_counter()
@@ -172,6 +212,8 @@ class Trainer:
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last,
                                       async_save=cfg.train.async_save)
         self.step = 0
+        self.health = StepHealth(cfg.train)
+        self.eval_samples = self._eval_set() if cfg.eval.interval else []
         self._stop_signal: Optional[int] = None
         self._resume()
         if self.rank == 0:
@@ -196,6 +238,34 @@ class Trainer:
             for r, (t, m) in enumerate(zip(secs, mem)):
                 log.info("set-up: rank %d %.1f s, peak host memory %.2f GiB", r, t, m)
         return {"setup/seconds_max": max(secs), "setup/peak_host_gib_max": max(mem)}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_set(self) -> list:
+        """The first ``eval.samples`` samples of the held-out data (no augmentation), loaded once;
+        every rank holds the same list, as it does for a training step."""
+        import dataclasses
+
+        from engine.data.dataset import InternVLDataset
+
+        e = self.cfg.eval
+        data = dataclasses.replace(self.cfg.data, meta_path=e.meta_path, text_corpus=e.text_corpus, jpeg_aug_prob=0.0)
+        ds = InternVLDataset(data, self.cfg.model, self.cfg.train.seed, self.tokenizer)
+        samples = [s for s in (ds.load(i) for i in range(e.samples)) if s is not None]
+        log.info("evaluation: %d held-out samples from %s every %d steps", len(samples), e.meta_path, e.interval)
+        return samples
+
+    def evaluate(self) -> float:
+        """The loss over the held-out set under this layout: ``sum(w * ce) / sum(w)`` over all of it,
+        in steps of ``train.global_batch`` samples (the runner's own forward; gradients discarded)."""
+        num = den = 0.0
+        B = self.cfg.train.global_batch
+        for i in range(0, len(self.eval_samples), B):
+            self.runner.optimizer.zero_grad(set_to_none=True)
+            stats = self.runner.forward_backward(self.eval_samples[i:i + B])
+            num += stats["loss"] * stats["weight_total"]
+            den += stats["weight_total"]
+        self.runner.optimizer.zero_grad(set_to_none=True)
+        return num / den if den > 0 else float("nan")
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -294,11 +364,16 @@ class Trainer:
                 row = self.train_step()
                 if setup:  # the first step's row carries the set-up figures
                     row, setup = {**row, **setup}, {}
+                if self.eval_samples and self.step % self.cfg.eval.interval == 0:
+                    row["eval_loss"] = self.evaluate()
                 history.append(row)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
                     metrics.log(self.step, row)
                 if cfg.save_interval and self.step % cfg.save_interval == 0 and self.step < cfg.steps:
-                    self.save()
+                    if self.health.streak:  # "latest" keeps naming the last good step
+                        log.warning("no checkpoint at step %d: the step was skipped", self.step)
+                    else:
+                        self.save()
                 if self._should_stop():
                     self.save()
                     log.warning("stopped by signal %s at step %d after saving", self._stop_signal, self.step)
@@ -313,20 +388,26 @@ class Trainer:
         t0 = time.perf_counter()
         samples = self.loader.next_step()
         self.runner.optimizer.zero_grad(set_to_none=True)
+        self.runner.poison_loss = self.step + 1 in self.cfg.faults.nan_at_steps  # fault drill
         stats = self.runner.forward_backward(samples)
+        self.runner.poison_loss = False
         grad_norm = self.runner.clip_grad_norm(self.cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
-        if stats["weight_total"] > 0:
+        bad = self.health.check(stats["loss"], grad_norm) if stats["weight_total"] > 0 else None
+        if bad is not None:  # the loss and the norm are global: every rank skips the same steps
+            self.health.skip(self.step + 1, bad, [getattr(s, "source", "?") for s in samples])
+        elif stats["weight_total"] > 0:
             self.runner.optimizer.step()
+            self.scheduler.step()
         else:
             log.warning("step %d has no supervised tokens (all samples skipped?): optimizer step skipped",
                         self.step + 1)
-        self.scheduler.step()
+            self.scheduler.step()
         self.step += 1
         dt = time.perf_counter() - t0
         skipped = self.loader.skipped_total()
         return {"loss": stats["loss"], "lr": lr, "grad_norm": grad_norm, "tokens": stats["tokens"],
                 "text_tokens": stats["text_tokens"], "visual_tokens": stats["visual_tokens"],
-                "samples": stats["samples"], "skipped_samples": skipped, "step_time": dt,
-                "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
+                "samples": stats["samples"], "skipped_samples": skipped, "skipped_steps": self.health.skipped,
+                "step_time": dt, "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
                 **{k: v for k, v in stats.items() if k.startswith("balance/") or k.startswith("skip/")}}

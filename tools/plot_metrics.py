@@ -37,7 +37,12 @@ def main(argv=None) -> int:
         ys = [r.get(key) for r in rows]
         pts = [(s, y) for s, y in zip(steps, ys) if isinstance(y, (int, float))]
         if pts:
-            ax.plot(*zip(*pts), lw=1.2)
+            ax.plot(*zip(*pts), lw=1.2, label="train" if key == "loss" else None)
+        if key == "loss":  # held-out evaluation, when the run has it
+            ev = [(s, r["eval_loss"]) for s, r in zip(steps, rows) if isinstance(r.get("eval_loss"), (int, float))]
+            if ev:
+                ax.plot(*zip(*ev), "o-", lw=1.2, ms=3, label="held-out")
+                ax.legend()
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

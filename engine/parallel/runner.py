@@ -75,10 +75,12 @@ class LLMStages:
     decoder layers per chunk, final norm + LM head + loss on the last (loss sum(w*ce)/W)."""
 
     def __init__(self, lm: QwenLM, layout: LLMLayout, ranges: Sequence[range], pp: int, rank: int,
-                 microbatches: Sequence[Microbatch], weight_total: float, autocast=contextlib.nullcontext):
+                 microbatches: Sequence[Microbatch], weight_total: float, autocast=contextlib.nullcontext,
+                 poison: bool = False):
         self.lm, self.layout, self.ranges, self.pp, self.rank = lm, layout, list(ranges), pp, rank
         self.mbs, self.W, self.autocast = microbatches, weight_total, autocast
         self.loss = 0.0  # sum over the microbatches of sum(w*ce)/W (last stage only)
+        self.poison = poison  # fault drill: this rank's first loss becomes NaN
 
     def forward(self, chunk: int, microbatch: int, x: Optional[torch.Tensor]) -> torch.Tensor:
         mb, vs = self.mbs[microbatch], chunk * self.pp + self.rank
@@ -93,6 +95,8 @@ class LLMStages:
             if vs < self.pp * len(self.ranges) - 1:
                 return h
             ce, _ = loss_terms(self.lm, self.layout, h, mb.tokens)
+        if self.poison:
+            ce, self.poison = ce * float("nan"), False
         self.loss += float(ce.detach()) / self.W
         return ce / self.W
 
@@ -148,6 +152,7 @@ class ParallelRunner:
         if L.pp > 1 and cfg.model.llm.tie_word_embeddings:
             raise ConfigError(f"parallel.llm.pp={L.pp} needs model.llm.tie_word_embeddings=false")
         self.cfg, self.device, self.autocast_dtype, self.pad_id = cfg, device, autocast_dtype, pad_id
+        self.poison_loss = False  # fault drill: set by the trainer for faults.nan_at_steps
         self.topo = build_topology(cfg, dist.get_rank(), dist.get_world_size())
         self.plan = plan_for(cfg)
         self.model, self.layout = parallelize_model(model, self.topo, cfg, self.plan)  # on meta when built there
@@ -261,7 +266,9 @@ class ParallelRunner:
             feats = leaf[rows] if rows.stop > rows.start else None
             mbs.append(Microbatch(shard_tokens(b, self.layout.llm), feats,
                                   (b.input_ids.shape[0], b.input_ids.shape[1] // H, hidden)))
-        stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, W, autocast)
+        last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
+        poison = self.poison_loss and last and llm.coord("dp") == 0  # one rank: the NaN must spread
+        stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, W, autocast, poison)
         with self.clock.span("llm"):
             self.executor.run(self.program, stages)
         if embeds.requires_grad:  # collective: every rank runs the reverse exchange
@@ -271,7 +278,6 @@ class ParallelRunner:
                     out.backward(vit_out.grad if vit_out.grad is not None else torch.zeros_like(out))
         self._reduce_grads()
 
-        last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
         c = self.clock
         mine = [stages.loss if last else 0.0, c.seconds("vit"), c.seconds("llm") - c.seconds("llm_comm"),
                 float(self.exchange.sent_bytes), float(placement.checksum()), c.cpu_seconds("vit"),

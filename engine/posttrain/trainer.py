@@ -20,12 +20,12 @@ from typing import Optional
 import torch.distributed as dist
 
 from engine.checkpoint import CheckpointManager
-from engine.config import Config, save_config, validate_config
+from engine.config import Config, ConfigError, save_config, validate_config
 from engine.data.loader import StepLoader
 from engine.metrics import setup_logging
 from engine.optim import build_scheduler
 from engine.posttrain.config import PostTrainConfig, save_posttrain_config, validate_posttrain
-from engine.trainer import (Trainer, build_model, init_distributed, resolve_device, resolve_dtype, seed_everything,
+from engine.trainer import (StepHealth, Trainer, build_model, init_distributed, resolve_device, resolve_dtype, seed_everything,
                             sync_token_ids)
 
 log = logging.getLogger("engine.posttrain")
@@ -35,6 +35,9 @@ class PostTrainer(Trainer):
     def __init__(self, cfg: Config, pt: PostTrainConfig):
         self._t_start = time.perf_counter()
         self.cfg, self.pt = cfg, pt
+        if cfg.eval.interval:
+            raise ConfigError(f"eval.interval={cfg.eval.interval}: held-out evaluation is not available in "
+                              "post-training yet (use engine.train)")
         self.rank, self.world, self.local_rank = init_distributed()
         setup_logging(self.rank)
         validate_config(cfg, self.world)
@@ -63,6 +66,8 @@ class PostTrainer(Trainer):
         self.scheduler = build_scheduler(self.runner.optimizer, cfg.train)
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last)
         self.step = 0
+        self.health = StepHealth(cfg.train)
+        self.eval_samples: list = []
         self._stop_signal: Optional[int] = None
         self._resume()
         if pt.mode == "mpo" and pt.mpo.reference == "precomputed":

@@ -1,0 +1,109 @@
+"""Run health: a step with a non-finite (or, with ``train.spike_factor``, spiking) loss or gradient
+norm updates nothing and is counted; ``train.max_bad_steps`` in a row stop the run, leaving the
+last good checkpoint as ``latest``. Driven by the fault drill ``faults.nan_at_steps``."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_overrides
+from dist_utils import run_distributed
+from engine.checkpoint import CheckpointManager
+from engine.config import ConfigError, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "examples/configs/tiny.yaml")
+
+
+def _optimizer_state(opt) -> list[torch.Tensor]:
+    return [v.clone() for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+
+
+def test_a_nan_step_is_skipped_and_the_run_goes_on(synthetic_data, tmp_path):
+    from engine.trainer import Trainer
+
+    cfg = load_config(CONFIG, tiny_overrides(synthetic_data, str(tmp_path), **{
+        "train.steps": 12, "train.save_interval": 0, "faults.nan_at_steps": "[5]"}))
+    t = Trainer(cfg)
+    rows = []
+    for step in range(1, 13):
+        if step == 5:
+            weights = {k: v.clone() for k, v in t.runner.model.state_dict().items()}
+            moments, lr = _optimizer_state(t.runner.optimizer), t.scheduler.get_last_lr()
+        rows.append(t.train_step())
+        if step == 5:
+            assert all(torch.equal(v, weights[k]) for k, v in t.runner.model.state_dict().items())
+            after = _optimizer_state(t.runner.optimizer)
+            assert len(after) == len(moments) and all(torch.equal(a, b) for a, b in zip(after, moments))
+            assert t.scheduler.get_last_lr() == lr
+    assert math.isnan(rows[4]["loss"])
+    assert [r["skipped_steps"] for r in rows] == [0] * 4 + [1] * 8
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for i, r in enumerate(rows) if i != 4)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_consecutive_bad_steps_stop_the_run_and_keep_the_last_good_checkpoint(synthetic_data, tmp_path):
+    args = [sys.executable, "-m", "engine.train", "--config", CONFIG]
+    for o in tiny_overrides(synthetic_data, str(tmp_path), **{
+            "train.steps": 12, "train.save_interval": 2, "faults.nan_at_steps": "[3,4,5,6]",
+            "train.max_bad_steps": 3}):
+        args += ["--set", o]
+    proc = subprocess.run(args, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                          timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 3, out[-3000:]
+    assert "steps [3, 4, 5]" in out and "train.max_bad_steps=3" in out
+    assert "step 3 skipped (non-finite loss nan)" in out
+    assert CheckpointManager(os.path.join(str(tmp_path), "checkpoints")).latest().endswith("step_00000002")
+
+
+def test_spike_guard_and_non_finite_norm():
+    from engine.config import TrainConfig
+    from engine.trainer import StepHealth, TrainingHealthError
+
+    h = StepHealth(TrainConfig(spike_factor=2.0, spike_window=2, max_bad_steps=2))
+    assert h.check(1.0, 1.0) is None and h.check(1.5, 1.0) is None
+    assert h.check(2.9, 1.0) is None  # below 2 x max(1.0, 1.5)
+    assert "loss spike" in h.check(6.0, 1.0)  # above 2 x max(1.5, 2.9)
+    h.skip(4, "loss spike", ["a.jsonl:1"])
+    assert "non-finite gradient norm" in h.check(1.0, float("inf"))
+    with pytest.raises(TrainingHealthError, match=r"steps \[4, 5\]"):
+        h.skip(5, "non-finite gradient norm inf", [])
+    off = StepHealth(TrainConfig())
+    assert all(off.check(x, 1.0) is None for x in (1.0, 100.0, 1e6))  # spike guard off by default
+
+
+def test_bad_health_settings_fail_before_training():
+    for key, value in (("faults.nan_at_steps", "[0]"), ("faults.nan_at_steps", "five"),
+                       ("train.spike_factor", "0.5"), ("train.max_bad_steps", "0")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(CONFIG, [f"{key}={value}"])
+
+
+def _nan_under_tp(rank: int, world: int, data: str, run: str) -> dict:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from engine.trainer import Trainer
+
+    cfg = load_config(CONFIG, tiny_overrides(data, run, **{"train.steps": 3, "train.save_interval": 0,
+                                                           "faults.nan_at_steps": "[2]", "parallel.llm.tp": 2}))
+    t = Trainer(cfg)
+    t.train_step()
+    before = {k: v.clone() for k, v in t.runner.model.state_dict().items()}
+    second = t.train_step()
+    same = all(torch.equal(v, before[k]) for k, v in t.runner.model.state_dict().items())
+    third = t.train_step()
+    return {"skipped": [second["skipped_steps"], third["skipped_steps"]], "same": same,
+            "losses": [second["loss"], third["loss"]]}
+
+
+def test_every_rank_skips_the_same_step(synthetic_data, tmp_path):
+    """LLM tp=2 on 2 processes: the NaN is injected on one rank; both skip step 2 and go on."""
+    for r in run_distributed(_nan_under_tp, 2, synthetic_data, str(tmp_path), timeout=300):
+        assert r["skipped"] == [1, 1] and r["same"]
+        assert math.isnan(r["losses"][0]) and math.isfinite(r["losses"][1])
