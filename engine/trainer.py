@@ -149,13 +149,15 @@ class StepHealth:
     """Decides whether a step's update may be applied: the global loss and gradient norm must be
     finite and, with ``train.spike_factor``, the loss no more than that factor times the largest of
     the last ``train.spike_window`` good losses. A skipped step updates no weights, optimizer state
-    or learning-rate schedule; ``train.max_bad_steps`` skipped steps in a row stop the run."""
+    or learning-rate schedule; ``train.max_bad_steps`` skipped steps in a row stop the run. Also
+    watches for a rank that stays the slowest (``straggler``)."""
 
     def __init__(self, cfg):
         self.max_bad, self.factor = cfg.max_bad_steps, cfg.spike_factor
         self.recent: collections.deque = collections.deque(maxlen=cfg.spike_window)
         self.skipped = 0  # over the run (this process's life)
         self.streak: list[int] = []  # the current run of consecutive skipped steps
+        self.slowest = (-1, 0)  # (rank, consecutive steps it was the slowest by STRAGGLER_RATIO)
 
     def check(self, loss: float, grad_norm: float) -> Optional[str]:
         """None when the step is good (its loss then counts as recent), else the reason."""
@@ -168,6 +170,16 @@ class StepHealth:
         self.recent.append(loss)
         self.streak = []
         return None
+
+    STRAGGLER_STEPS, STRAGGLER_RATIO = 10, 1.2
+
+    def straggler(self, step: int, rank: int, ratio: float) -> None:
+        """Warn when the same rank is the slowest, by 1.2x the median or more, 10 steps in a row."""
+        same = rank == self.slowest[0] and ratio >= self.STRAGGLER_RATIO
+        self.slowest = (rank, self.slowest[1] + 1 if same else (1 if ratio >= self.STRAGGLER_RATIO else 0))
+        if self.slowest[1] == self.STRAGGLER_STEPS:
+            log.warning("rank %d has been the slowest for %d steps (step %d: %.2fx the median rank's compute time)",
+                        rank, self.STRAGGLER_STEPS, step, ratio)
 
     def skip(self, step: int, reason: str, sources: list[str]) -> None:
         self.skipped += 1
@@ -393,6 +405,8 @@ class Trainer:
         self.runner.poison_loss = False
         grad_norm = self.runner.clip_grad_norm(self.cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
+        if "straggler/rank" in stats:
+            self.health.straggler(self.step + 1, int(stats["straggler/rank"]), stats["straggler/ratio"])
         bad = self.health.check(stats["loss"], grad_norm) if stats["weight_total"] > 0 else None
         if bad is not None:  # the loss and the norm are global: every rank skips the same steps
             self.health.skip(self.step + 1, bad, [getattr(s, "source", "?") for s in samples])
@@ -410,4 +424,4 @@ class Trainer:
                 "text_tokens": stats["text_tokens"], "visual_tokens": stats["visual_tokens"],
                 "samples": stats["samples"], "skipped_samples": skipped, "skipped_steps": self.health.skipped,
                 "step_time": dt, "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
-                **{k: v for k, v in stats.items() if k.startswith("balance/") or k.startswith("skip/")}}
+                **{k: v for k, v in stats.items() if k.startswith(("balance/", "skip/", "straggler/"))}}

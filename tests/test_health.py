@@ -99,7 +99,8 @@ def _nan_under_tp(rank: int, world: int, data: str, run: str) -> dict:
     same = all(torch.equal(v, before[k]) for k, v in t.runner.model.state_dict().items())
     third = t.train_step()
     return {"skipped": [second["skipped_steps"], third["skipped_steps"]], "same": same,
-            "losses": [second["loss"], third["loss"]]}
+            "losses": [second["loss"], third["loss"]],
+            "straggler": (third["straggler/rank"], third["straggler/ratio"])}
 
 
 def test_every_rank_skips_the_same_step(synthetic_data, tmp_path):
@@ -107,3 +108,24 @@ def test_every_rank_skips_the_same_step(synthetic_data, tmp_path):
     for r in run_distributed(_nan_under_tp, 2, synthetic_data, str(tmp_path), timeout=300):
         assert r["skipped"] == [1, 1] and r["same"]
         assert math.isnan(r["losses"][0]) and math.isfinite(r["losses"][1])
+        assert r["straggler"][0] in (0, 1) and r["straggler"][1] >= 1.0
+
+
+def test_straggler_report(caplog):
+    from engine.config import TrainConfig
+    from engine.parallel.runner import straggler_stats
+    from engine.trainer import StepHealth
+
+    assert straggler_stats([1.0, 3.0, 1.0, 1.5]) == {"straggler/rank": 1, "straggler/ratio": 3.0 / 1.25}
+    h = StepHealth(TrainConfig())
+    with caplog.at_level("WARNING", logger="engine.trainer"):
+        for step in range(1, 10):
+            h.straggler(step, 3, 1.5)
+        h.straggler(10, 2, 1.5)  # another rank breaks the run
+        assert "slowest" not in caplog.text
+        for step in range(11, 21):
+            h.straggler(step, 2, 1.3 if step != 15 else 1.1)  # 1.1: not a straggler, the count restarts
+        assert "slowest" not in caplog.text
+        for step in range(21, 26):
+            h.straggler(step, 2, 1.3)
+    assert "rank 2 has been the slowest for 10 steps (step 25" in caplog.text

@@ -137,6 +137,16 @@ def counted_once(p: torch.Tensor, grid: Grid) -> bool:
     return grid.coord("tp") % (info.replicas if info.dim is not None else grid.size("tp")) == 0
 
 
+def straggler_stats(compute_seconds) -> dict:
+    """The step's slowest rank by its own compute time (ViT and LLM spans, communication and waits
+    excluded) and that time over the median rank's."""
+    import numpy as np
+
+    t = np.asarray(compute_seconds, dtype=np.float64)
+    slowest, median = int(t.argmax()), float(np.median(t))
+    return {"straggler/rank": slowest, "straggler/ratio": float(t[slowest] / median) if median > 0 else 1.0}
+
+
 class ParallelRunner:
     """Runs ``model`` under the layout of ``cfg.parallel`` over the default process group. ``model``
     is the single-process model, either built on the meta device (``build_model(cfg, meta=True)``:
@@ -289,6 +299,7 @@ class ParallelRunner:
         stats.update(loss=float(gathered[:, 0].sum()), text_tokens=int(text), visual_tokens=int(visual),
                      samples=int(n), tokens=int(text + visual))
         stats.update(self._balance_stats(placement, naive, gathered, sample_tiles))
+        stats.update(straggler_stats(gathered[:, 1] + gathered[:, 2]))
         return stats
 
     def _gather_rows(self, values: list[float]):
