@@ -9,6 +9,22 @@ import os
 import sys
 from typing import Optional
 
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory: ``VmHWM`` of its own address space (``ru_maxrss``
+    would include the parent's peak, which Linux carries across fork and exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 log = logging.getLogger("engine")
 
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from engine.checkpoint import (KIND_WEIGHTS, CheckpointManager, CheckpointReader, load_checkpoint, save_checkpoint,
                                scheduler_state)
 from engine.config import Config, ConfigError, save_config, validate_config
-from engine.metrics import MetricsLogger, setup_logging
+from engine.metrics import MetricsLogger, peak_rss_mib, setup_logging
 from engine.models.internvl import InternVLModel
 from engine.optim import build_scheduler
 
@@ -127,20 +127,6 @@ def build_model(cfg: Config, meta: bool = False) -> InternVLModel:
     return model
 
 
-def peak_host_memory_gib() -> float:
-    """This process's peak resident memory (VmHWM; ru_maxrss where /proc is absent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
 class TrainingHealthError(RuntimeError):
     """Too many consecutive steps had to be skipped (non-finite or spiking loss / gradients)."""
 
@@ -238,7 +224,7 @@ class Trainer:
         seconds = getattr(self, "setup_seconds", None)
         if seconds is None:  # a subclass with its own set-up: until now
             seconds = time.perf_counter() - getattr(self, "_t_start", time.perf_counter())
-        mine = torch.tensor([seconds, peak_host_memory_gib()], dtype=torch.float64)
+        mine = torch.tensor([seconds, peak_rss_mib() / 1024], dtype=torch.float64)
         rows = [mine]
         if self.world > 1:
             rows = [torch.empty_like(mine) for _ in range(self.world)]

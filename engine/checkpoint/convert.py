@@ -32,6 +32,7 @@ from engine.checkpoint.state import (FORMAT, INDEX, KIND_WEIGHTS, META, VERSION,
                                      layout_of, model_config_of)
 from engine.checkpoint.store import CheckpointReader, rank_stem
 from engine.config import Config, ConfigError, ModelConfig, config_to_dict, validate_model, validate_parallel
+from engine.metrics import peak_rss_mib
 from engine.models import hf_adapter as A
 
 ENGINE = "engine"
@@ -62,21 +63,6 @@ def parse_dtype(name: Optional[str]) -> Optional[torch.dtype]:
 
 def _cast(dtype: torch.dtype, to: Optional[torch.dtype]) -> torch.dtype:
     return to if to is not None and dtype.is_floating_point else dtype
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory: ``VmHWM`` of its own address space (``ru_maxrss``
-    would include the parent's peak, which Linux carries across fork and exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 @dataclass

@@ -76,7 +76,7 @@ def build_rank_shards(cfg: Config, world: int, rank: int, init_from: Optional[st
 def rehearse(cfg: Config, world: int, rank: int, init_from: Optional[str] = None) -> dict:
     """The ``rehearsal`` object: ``{rank, params, param_bytes, peak_rss_gib, seconds}`` (+ the rank's
     pipeline stage and tp coordinates)."""
-    from engine.trainer import peak_host_memory_gib
+    from engine.metrics import peak_rss_mib
 
     t0 = time.perf_counter()
     shards = build_rank_shards(cfg, world, rank, init_from)
@@ -84,6 +84,6 @@ def rehearse(cfg: Config, world: int, rank: int, init_from: Optional[str] = None
     c = rank_coords(cfg, world, rank)
     params = sum(t.numel() for t in shards.values())
     return {"rank": rank, "params": params, "param_bytes": sum(t.numel() * t.element_size() for t in shards.values()),
-            "peak_rss_gib": round(peak_host_memory_gib(), 3), "seconds": round(seconds, 2),
+            "peak_rss_gib": round(peak_rss_mib() / 1024, 3), "seconds": round(seconds, 2),
             "llm_stage": c.llm["pp"], "llm_tp_rank": c.llm["tp"], "vit_tp_rank": c.vit["tp"],
             "source": init_from or cfg.train.init_from or f"initialisation (train.seed={cfg.train.seed})"}
