@@ -146,12 +146,12 @@ def hf_checkpoint(tmp_path_factory):
 
 
 def test_init_from_reads_each_ranks_slices(hf_checkpoint, monkeypatch):
-    from engine.parallel import materialize
+    from engine.models import init
     from engine.planning.rehearse import build_rank_shards
     from engine.step import LocalRunner
     from engine.trainer import build_model
 
-    monkeypatch.setattr(materialize, "BLOCK_ELEMENTS", 200)  # several reads per tensor
+    monkeypatch.setattr(init, "BLOCK_ELEMENTS", 200)  # several reads per tensor
     path, full = hf_checkpoint
     cfg = make_cfg("tiny-6b-vit", ["parallel.llm.tp=4", "parallel.vit.tp=4", f"train.init_from={path}"])
     for rank in range(4):

@@ -3,8 +3,8 @@
 ``CheckpointSliceReader`` serves ``internvl`` (``hf``) and ``internvl_chat`` directories
 (``model.safetensors`` or sharded with ``model.safetensors.index.json``; ``pytorch_model.bin``
 (``.index.json``) as a fallback) by engine tensor name, so that a rank can read only the rows or
-columns it owns. safetensors files stay open (one memory-mapped handle per shard) and a slice is
-cut with ``get_slice``, which touches only the pages holding the requested elements; a fused
+columns it owns. safetensors files stay open (one memory-mapped handle per shard; with
+``keep_open=False`` they are closed after every read) and a slice is cut with ``get_slice``, which touches only the pages holding the requested elements; a fused
 checkpoint tensor (internvl_chat ``attn.qkv``) is cut to the engine tensor's row block first.
 With ``tie_word_embeddings`` the LM head is read from the embedding, as ``load_pretrained`` does.
 """
@@ -30,9 +30,13 @@ class CheckpointSliceReader:
     """Reads slices of engine-named tensors from a transformers internvl / internvl_chat directory
     (model.safetensors, or sharded with model.safetensors.index.json; pytorch_model.bin(.index.json) as a fallback)."""
 
-    def __init__(self, path: str, config: ModelConfig, expected: Optional[Mapping[str, tuple]] = None):
+    def __init__(self, path: str, config: ModelConfig, expected: Optional[Mapping[str, tuple]] = None,
+                 keep_open: bool = True):
         self.path = path
         self.config = config
+        # keep_open=False: unmap after every read. A mapped file's touched pages count as resident
+        # memory for as long as it stays mapped, and a column slice touches every row of its tensor.
+        self.keep_open = keep_open
         shapes = expected if expected is not None else expected_tensors(config)
         self._expected: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in shapes.items()}
         self._handles: dict[str, Any] = {}  # file -> safe_open handle or (mmapped) bin state dict
@@ -139,7 +143,10 @@ class CheckpointSliceReader:
         except Exception as e:
             raise ValueError(f"{what}: reading {file} failed ({type(e).__name__}: {e})") from e
         # safetensors slices (and mmapped bin tensors) are views of the mapped file: copy out.
-        return t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        out = t.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format)
+        if not self.keep_open:
+            self.close()
+        return out
 
     def close(self) -> None:
         for handle in self._handles.values():

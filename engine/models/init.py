@@ -99,6 +99,12 @@ def scratch_buffer() -> torch.Tensor:
     return torch.empty(BLOCK_ELEMENTS)
 
 
+def block_rows(shape: tuple[int, ...], dim: int) -> int:
+    """Slices along ``dim`` per block: as many as fit in ``BLOCK_ELEMENTS`` values (at least one)."""
+    row = max(1, int(torch.Size(shape).numel()) // max(shape[dim], 1))
+    return max(1, BLOCK_ELEMENTS // row)
+
+
 def fill_slice(out: torch.Tensor, rule: InitRule, name: str, shape: tuple[int, ...], seed: int,
                dim: int = 0, start: int = 0, scratch: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Write into ``out`` the initial values of elements ``[start, start + out.shape[dim])`` along
@@ -109,8 +115,7 @@ def fill_slice(out: torch.Tensor, rule: InitRule, name: str, shape: tuple[int, .
         raise ValueError(f"{name}: slice [{start}, {stop}) along dim {dim} is outside shape {shape}")
     if rule.kind == "constant":
         return out.fill_(rule.value)
-    row = max(1, int(torch.Size(shape).numel()) // max(shape[dim], 1))
-    per_block = max(1, BLOCK_ELEMENTS // row)
+    per_block = block_rows(shape, dim)
     for block in range(start // per_block, -(-stop // per_block)):
         a, b = block * per_block, min((block + 1) * per_block, shape[dim])
         size = list(shape)

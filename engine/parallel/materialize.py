@@ -15,7 +15,7 @@ from typing import Mapping, Optional, Protocol
 import torch
 import torch.nn as nn
 
-from engine.models.init import BLOCK_ELEMENTS, fill_slice, scratch_buffer
+from engine.models.init import block_rows, fill_slice, scratch_buffer
 from engine.parallel.plan import ParallelPlan, ParamPlan, local_slice
 
 log = logging.getLogger("engine.parallel")
@@ -38,9 +38,8 @@ def fill_local(out: torch.Tensor, p: ParamPlan, tp_rank: int, tp: int, seed: int
         real = out.narrow(dim, 0, stop - start)
     if stop <= start:
         return out
-    if source is not None:  # in blocks of rows along dim: no full-size temporary
-        row = max(1, real.numel() // max(real.shape[dim], 1))
-        step = max(1, BLOCK_ELEMENTS // row)
+    if source is not None:  # in blocks along dim: no full-size temporary
+        step = block_rows(p.shape, dim)
         for a in range(start, stop, step):
             b = min(a + step, stop)
             real.narrow(dim, a - start, b - a).copy_(source.read(p.name, dim, a, b, dtype=out.dtype))
@@ -94,27 +93,10 @@ def materialize_for(model: nn.Module, cfg, plan: ParallelPlan, tp_coords: Mappin
     from engine.models.hf_slices import CheckpointSliceReader
 
     try:
-        reader = _ReopeningReader(CheckpointSliceReader(path, cfg.model))
-        materialize(model, plan, tp_coords, device, cfg.train.seed, reader)
-        reader.close()
+        with CheckpointSliceReader(path, cfg.model, keep_open=False) as reader:
+            materialize(model, plan, tp_coords, device, cfg.train.seed, reader)
     except (KeyError, ValueError, FileNotFoundError) as e:
         raise ConfigError(f"train.init_from={path}: {e.args[0] if e.args else e}") from None
     log.info("initial weights: this rank's slices of %s", path)
     return model
 
-
-class _ReopeningReader:
-    """Closes the files after every read: a memory-mapped file's pages count as resident memory
-    for as long as it stays mapped, and a column slice touches every row of its tensor."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def read(self, *args, **kwargs) -> torch.Tensor:
-        try:
-            return self.reader.read(*args, **kwargs)
-        finally:
-            self.reader.close()
-
-    def close(self) -> None:
-        self.reader.close()

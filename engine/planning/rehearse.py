@@ -57,7 +57,7 @@ def build_rank_shards(cfg: Config, world: int, rank: int, init_from: Optional[st
     if init_from:
         from engine.models.hf_slices import CheckpointSliceReader
 
-        source = CheckpointSliceReader(init_from, cfg.model)
+        source = CheckpointSliceReader(init_from, cfg.model, keep_open=False)
     out = {}
     scratch = scratch_buffer()
     try:
@@ -65,8 +65,6 @@ def build_rank_shards(cfg: Config, world: int, rank: int, init_from: Optional[st
             tp_rank, size = tp[p.grid]
             out[p.name] = fill_local(torch.empty(p.local_shape(size)), p, tp_rank, size, cfg.train.seed, source,
                                      scratch)
-            if source is not None:
-                source.close()  # unmap: mapped pages count as resident memory
     finally:
         if source is not None:
             source.close()
