@@ -138,6 +138,8 @@ class StepHealth:
     or learning-rate schedule; ``train.max_bad_steps`` skipped steps in a row stop the run. Also
     watches for a rank that stays the slowest (``straggler``)."""
 
+    STRAGGLER_STEPS, STRAGGLER_RATIO = 10, 1.2
+
     def __init__(self, cfg):
         self.max_bad, self.factor = cfg.max_bad_steps, cfg.spike_factor
         self.recent: collections.deque = collections.deque(maxlen=cfg.spike_window)
@@ -156,8 +158,6 @@ class StepHealth:
         self.recent.append(loss)
         self.streak = []
         return None
-
-    STRAGGLER_STEPS, STRAGGLER_RATIO = 10, 1.2
 
     def straggler(self, step: int, rank: int, ratio: float) -> None:
         """Warn when the same rank is the slowest, by 1.2x the median or more, 10 steps in a row."""
@@ -179,7 +179,7 @@ class StepHealth:
 
 class Trainer:
     def __init__(self, cfg: Config):
-        self._t_start = time.perf_counter()
+        t_start = time.perf_counter()
         self.cfg = cfg
         self.rank, self.world, self.local_rank = init_distributed()
         setup_logging(self.rank)
@@ -217,14 +217,11 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        self.setup_seconds = time.perf_counter() - self._t_start
+        self.setup_seconds = time.perf_counter() - t_start
 
     def setup_report(self) -> dict:
         """Every rank's set-up time and peak host memory so far (collective), logged by rank 0."""
-        seconds = getattr(self, "setup_seconds", None)
-        if seconds is None:  # a subclass with its own set-up: until now
-            seconds = time.perf_counter() - getattr(self, "_t_start", time.perf_counter())
-        mine = torch.tensor([seconds, peak_rss_mib() / 1024], dtype=torch.float64)
+        mine = torch.tensor([self.setup_seconds, peak_rss_mib() / 1024], dtype=torch.float64)
         rows = [mine]
         if self.world > 1:
             rows = [torch.empty_like(mine) for _ in range(self.world)]

@@ -49,10 +49,11 @@ def check_layout(cfg: Config, world: Optional[int] = None) -> None:
         raise ConfigError(f"parallel.vit.tp={vt} exceeds model.vision.num_heads={v.num_heads}")
 
 
-def _tag_rest(module: nn.Module, info: ShardInfo) -> None:
-    for p in module.parameters():
+def _tag_rest(module: nn.Module, prefix: str, plan: ParallelPlan) -> None:
+    """Tag the parameters no parallel layer tagged (replicated ones) with the plan's ``ShardInfo``."""
+    for name, p in module.named_parameters():
         if not hasattr(p, "shard_info"):
-            tag(p, info)
+            tag(p, plan[f"{prefix}.{name}"].info)
 
 
 @dataclass
@@ -129,9 +130,7 @@ def parallelize_llm(lm: QwenLM, grid: Grid, cfg: Config, plan: Optional[Parallel
             lm.lm_head = ColumnParallelLinear(lm.lm_head, head_info, tpg)
             start = head_info.local_range(grid.local_rank("tp"), tp)[0]
             loss_fn = VocabParallelLoss(start, c.vocab_size, tpg)
-    for name, p in lm.named_parameters():
-        if not hasattr(p, "shard_info"):
-            tag(p, info(name))
+    _tag_rest(lm, "language_model", plan)
     return lm, LLMLayout(grid, sp, loss_fn, cfg.model.img_context_token_id)
 
 
@@ -169,9 +168,7 @@ def parallelize_vit(vit: InternViT, grid: Grid, cfg: Config, plan: Optional[Para
         split = TileSplit(hpg, tpg if sp else None, padding)
         vit.embeddings.register_forward_hook(split)
         vit.register_forward_hook(TileGather(split))
-    for name, p in vit.named_parameters():
-        if not hasattr(p, "shard_info"):
-            tag(p, info(name))
+    _tag_rest(vit, "vision_model", plan)
     return vit, ViTLayout(grid, sp, padding)
 
 
@@ -185,7 +182,7 @@ def parallelize_model(model: InternVLModel, topology: Topology, cfg: Config,
     plan = plan or ParallelPlan(cfg)
     model.vision_model, vit = parallelize_vit(model.vision_model, topology.vit, cfg, plan)
     model.language_model, llm = parallelize_llm(model.language_model, topology.llm, cfg, plan)
-    _tag_rest(model.projector, ShardInfo("vit"))
+    _tag_rest(model.projector, "projector", plan)
     if topology.llm.size("tp") > 1:
         model.loss_fn = llm.loss_fn
     else:

@@ -125,12 +125,6 @@ class ParallelPlan:
     def __getitem__(self, name: str) -> ParamPlan:
         return self.params[name]
 
-    def __iter__(self):
-        return iter(self.params.values())
-
-    def tp(self, grid: str) -> int:
-        return (self.cfg.parallel.llm if grid == "llm" else self.cfg.parallel.vit).tp
-
     def rank_params(self, pp_rank: int) -> list[ParamPlan]:
         """What a rank of pipeline stage ``pp_rank`` holds (the ViT grid's parameters on every rank)."""
         return [p for p in self.params.values() if p.held_by(pp_rank)]

@@ -33,7 +33,7 @@ log = logging.getLogger("engine.posttrain")
 
 class PostTrainer(Trainer):
     def __init__(self, cfg: Config, pt: PostTrainConfig):
-        self._t_start = time.perf_counter()
+        t_start = time.perf_counter()
         self.cfg, self.pt = cfg, pt
         if cfg.eval.interval:
             raise ConfigError(f"eval.interval={cfg.eval.interval}: held-out evaluation is not available in "
@@ -76,6 +76,7 @@ class PostTrainer(Trainer):
             os.makedirs(self.run_dir, exist_ok=True)
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
             save_posttrain_config(pt, os.path.join(self.run_dir, "posttrain.yaml"))
+        self.setup_seconds = time.perf_counter() - t_start
 
     # ------------------------------------------------------------------ set-up by mode
     def _build_dataset(self):
