@@ -112,7 +112,10 @@ class DataConfig:
     loss_reduction: str = "square"  # token | sample | square
     v2pe_random_delta: bool = False  # draw delta per image from {1/256 .. 1} when training
     v2pe_delta: float = 1.0  # fixed delta when not random
-    num_workers: int = 0
+    num_workers: int = 0  # loader processes per rank (0: load in the training process)
+    prefetch: bool = True  # with workers: load the next step's share while this step runs
+    index_dir: str = ""  # where shape indexes are cached ("": beside each annotation file)
+    index_workers: int = 8  # processes that build a shape index (capped by the CPU count)
     system_prompt: Optional[str] = None  # None: InternVL's internvl2_5 system prompt
     synthetic: bool = True  # `make train` generates the synthetic set if absent
 
@@ -483,6 +486,8 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
            f"data.min_dynamic_patch={d.min_dynamic_patch} / data.max_dynamic_patch={d.max_dynamic_patch} invalid")
     _check(0.0 <= d.jpeg_aug_prob <= 1.0, f"data.jpeg_aug_prob={d.jpeg_aug_prob} must be in [0, 1]")
     _check(0 < d.v2pe_delta <= 1, f"data.v2pe_delta={d.v2pe_delta} must be in (0, 1]")
+    _check(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    _check(d.index_workers >= 0, f"data.index_workers={d.index_workers} must be >= 0")
     _check(t.steps >= 0, f"train.steps={t.steps} must be >= 0")
     _check(t.global_batch >= 1, f"train.global_batch={t.global_batch} must be >= 1")
     _check(t.lr > 0, f"train.lr={t.lr} must be positive")

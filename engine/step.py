@@ -104,10 +104,27 @@ class LocalRunner:
         if cfg.balance.enabled:
             logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")
 
-    def forward_backward(self, samples: Sequence[Sample]) -> dict:
-        groups = [g for g in split_contiguous(samples, self.cfg.parallel.llm.microbatches) if g]
+    def data_request(self, batch) -> dict:
+        """One process loads every sample of a step, all its pixels."""
+        return {pos: None for pos in range(len(batch))}
+
+    def forward_backward(self, batch) -> dict:
+        """One step over ``batch``: a ``StepBatch`` (loaded here) or samples in memory."""
+        from engine.data.loader import StepBatch
+
+        counters = None
+        if isinstance(batch, StepBatch):
+            found = batch.load(self.data_request(batch))
+            if found:
+                batch.loader.record_load_skips(batch, {p: (r.reason, r.message) for p, r in found.items()})
+            counters, batch = batch.counters, [s for s in batch.samples() if s is not None]
+        groups = [g for g in split_contiguous(batch, self.cfg.parallel.llm.microbatches) if g]
         batches = [pack(g, self.cfg, self.pad_id) for g in groups]
-        return forward_backward(self.model, batches, self.device, self.autocast_dtype, poison=self.poison_loss)
+        stats = forward_backward(self.model, batches, self.device, self.autocast_dtype, poison=self.poison_loss)
+        if counters is not None:
+            stats.update({f"data/{k}_max": float(v) for k, v in counters.items()})
+            stats["data/images"] = sum(len(s.image_tiles) for s in batch)
+        return stats
 
     def clip_grad_norm(self, max_norm: float) -> float:
         from engine.optim import clip_grad_norm

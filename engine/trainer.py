@@ -105,6 +105,18 @@ def load_initial_weights(model: InternVLModel, path: str) -> None:
     log.info("initial weights from %s", path)
 
 
+def leader_first(make, world: int):
+    """``make()`` on rank 0, then on the other ranks once it is done: rank 0 builds and caches what
+    every rank would build (the shape index), the others read it (collective when ``world > 1``)."""
+    if world > 1 and dist.get_rank() != 0:
+        dist.barrier()
+        return make()
+    out = make()
+    if world > 1:
+        dist.barrier()
+    return out
+
+
 def build_model(cfg: Config, meta: bool = False) -> InternVLModel:
     """The single-process model. ``meta=True``: shapes only, on the meta device; the runner then
     materialises this rank's shards alone, directly on its device, with the values below (or
@@ -194,7 +206,7 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         sync_token_ids(cfg, self.tokenizer)
-        self.loader = build_step_loader(cfg, self.tokenizer)
+        self.loader = leader_first(lambda: build_step_loader(cfg, self.tokenizer), self.world)
 
         model = build_model(cfg, meta=True)
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
@@ -206,6 +218,7 @@ class Trainer:
             from engine.step import LocalRunner
 
             self.runner = LocalRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        self.loader.request = self.runner.data_request
         self.scheduler = build_scheduler(self.runner.optimizer, cfg.train)
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last,
                                       async_save=cfg.train.async_save)
@@ -244,7 +257,8 @@ class Trainer:
 
         e = self.cfg.eval
         data = dataclasses.replace(self.cfg.data, meta_path=e.meta_path, text_corpus=e.text_corpus, jpeg_aug_prob=0.0)
-        ds = InternVLDataset(data, self.cfg.model, self.cfg.train.seed, self.tokenizer)
+        ds = leader_first(lambda: InternVLDataset(data, self.cfg.model, self.cfg.train.seed, self.tokenizer),
+                          self.world)
         samples = [s for s in (ds.load(i) for i in range(e.samples)) if s is not None]
         log.info("evaluation: %d held-out samples from %s every %d steps", len(samples), e.meta_path, e.interval)
         return samples
@@ -377,14 +391,20 @@ class Trainer:
                 self.save()
         finally:
             metrics.close()
+            self.loader.close()  # its worker processes; a later step starts them again
         return history
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
-        samples = self.loader.next_step()
+        if hasattr(self.loader.dataset, "shape"):  # shapes only: the runner loads this rank's share
+            batch = self.loader.next_batch()
+            sources = batch.sources
+        else:  # a data set without a shape index (preference pairs): whole steps, every rank
+            batch = self.loader.next_step()
+            sources = [getattr(s, "source", "?") for s in batch]
         self.runner.optimizer.zero_grad(set_to_none=True)
         self.runner.poison_loss = self.step + 1 in self.cfg.faults.nan_at_steps  # fault drill
-        stats = self.runner.forward_backward(samples)
+        stats = self.runner.forward_backward(batch)
         self.runner.poison_loss = False
         grad_norm = self.runner.clip_grad_norm(self.cfg.train.grad_clip)
         lr = self.scheduler.get_last_lr()[0]
@@ -392,7 +412,7 @@ class Trainer:
             self.health.straggler(self.step + 1, int(stats["straggler/rank"]), stats["straggler/ratio"])
         bad = self.health.check(stats["loss"], grad_norm) if stats["weight_total"] > 0 else None
         if bad is not None:  # the loss and the norm are global: every rank skips the same steps
-            self.health.skip(self.step + 1, bad, [getattr(s, "source", "?") for s in samples])
+            self.health.skip(self.step + 1, bad, sources)
         elif stats["weight_total"] > 0:
             self.runner.optimizer.step()
             self.scheduler.step()
@@ -407,4 +427,4 @@ class Trainer:
                 "text_tokens": stats["text_tokens"], "visual_tokens": stats["visual_tokens"],
                 "samples": stats["samples"], "skipped_samples": skipped, "skipped_steps": self.health.skipped,
                 "step_time": dt, "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
-                **{k: v for k, v in stats.items() if k.startswith(("balance/", "skip/", "straggler/"))}}
+                **{k: v for k, v in stats.items() if k.startswith(("balance/", "skip/", "straggler/", "data/"))}}

@@ -56,7 +56,8 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     results = ctx.Queue()
     store_dir = tempfile.mkdtemp(prefix="dist-store-")
     store = os.path.join(store_dir, "store")
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store, timeout, fn, args, results), daemon=True)
+    # not daemonic: a rank may start data loader worker processes, as under torchrun; ``_stop`` ends them all
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store, timeout, fn, args, results), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -120,10 +120,10 @@ def train(rank: int, world: int, opts: list[str]) -> dict:
     runner, steps = trainer.runner, []
     step_fn = runner.forward_backward
 
-    def recording(samples):
-        stats = step_fn(samples)
+    def recording(batch):
+        stats = step_fn(batch)
         p = runner.last_placement
-        steps.append({"tokens": [s.num_tokens for s in samples], "tiles": [s.num_tiles for s in samples],
+        steps.append({"tokens": list(batch.num_tokens), "tiles": batch.num_tiles,
                       "method": p.method, "groups": p.groups, "order": p.order(), "vit": p.vit,
                       "llm_dp": runner.topo.llm.size("dp"), "vit_dp": runner.topo.vit.size("dp")})
         return stats

@@ -1,5 +1,6 @@
 """End-to-end training on one process: loss falls, resume is exact, preemption saves, the vision path is used."""
 
+import glob
 import os
 import signal
 import subprocess
@@ -23,6 +24,20 @@ def _train(overrides):
     trainer = Trainer(cfg)
     trainer.train()
     return trainer
+
+
+def children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (from /proc)."""
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
 
 
 def _cli(overrides, env_extra=None, **kw):
@@ -53,20 +68,29 @@ def test_resume_after_kill_continues_the_same_curve(synthetic_data, tmp_path, re
     run = str(tmp_path / "killed")
     # The save at step 6 stalls after writing its files, so the kill lands after the step-3 checkpoint
     # and before the run ends, however slowly this process polls.
-    proc = _cli(tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3}),
-                env_extra={"ENGINE_CHECKPOINT_SAVE_DELAY": "6:300"})
+    # Loading runs in two worker processes (prefetching): they die with the trainer, and their
+    # shared-memory slots are removed by the next run.
+    opts = tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3, "data.num_workers": 2})
+    proc = _cli(opts, env_extra={"ENGINE_CHECKPOINT_SAVE_DELAY": "6:300"})
     stalled = os.path.join(run, "checkpoints", ".tmp-step_00000006", "rank_00000.rng.pt")
     deadline = time.time() + 300
     while not os.path.exists(stalled) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    workers = children(proc.pid)
     proc.send_signal(signal.SIGKILL)
     out = proc.communicate()[0].decode()
+    assert len(workers) >= 2, out[-3000:]
+    deadline = time.time() + 30
+    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "loader workers outlived the killed trainer"
     latest = os.path.join(run, "checkpoints", "latest")
     assert os.path.exists(stalled) and os.path.exists(latest), out[-3000:]
     with open(latest) as f:
         saved = int(f.read().split("_")[1])
     assert saved == 3
-    _train(tiny_overrides(synthetic_data, run, **{"train.steps": 8, "train.save_interval": 3}))
+    _train(opts)
+    assert not glob.glob(f"/dev/shm/engine-loader-{proc.pid}-*")
     resumed = read_metrics(run)
     assert [r["step"] for r in resumed] == list(range(1, 9))
     for a, b in zip(resumed[saved:], reference_run[saved:]):

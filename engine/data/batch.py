@@ -25,6 +25,7 @@ class Sample:
     source: str = ""  # "file:line" for messages
     kind: str = "multimodal"  # multimodal | text
     index: int = -1  # position in the global sample order (seeds per-sample randomness)
+    tile_ids: Optional[list[int]] = None  # the tiles ``pixel_values`` holds (None: all, in order)
 
     @property
     def num_tokens(self) -> int:

@@ -5,18 +5,24 @@ multimodal sample by a fixed interleaving whose text share makes text ``data.lm_
 tokens on average; each stream is reshuffled every epoch from the seed (``repeat_time``
 honoured). ``meta(i)`` is cheap (tokens + image headers, no pixels); ``load(i)`` returns the
 ``Sample`` or None for a bad sample, which is counted by reason and logged with file:line.
+
+Shapes come from the shape index (``engine.data.shape_index``), built once per annotation file and
+settings and cached beside the data: a record the index marks bad is skipped without being read,
+and a record whose file changed since indexing is skipped as ``stale_index``. ``try_load(i, tiles)``
+loads the tokens of a sample and only the pixel tiles asked for (augmentation draws stay those of
+the whole sample, so any split of its tiles gives the same pixels).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
 import os
 import threading
 from dataclasses import dataclass, field
-from functools import lru_cache
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +30,7 @@ from PIL import Image
 
 from engine.config import DataConfig, ModelConfig
 from engine.data.batch import Sample
+from engine.data import shape_index
 from engine.data.conversation import (ConversationError, insert_missing_placeholders, tokenize_conversation,
                                       tokenize_text_document, validate_conversation)
 from engine.data.images import ImageProcessor
@@ -32,7 +39,8 @@ from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger("engine.data")
 
-SKIP_REASONS = ("missing_image", "corrupt_image", "malformed", "image_mismatch", "too_long")
+SKIP_REASONS = ("missing_image", "corrupt_image", "malformed", "image_mismatch", "too_long", "stale_index")
+TEMPLATE = "internvl2_5"  # the chat template of engine.data.conversation (part of the shape index key)
 _SHARE_DEN = 1 << 24  # the text share is held as an exact fraction of this
 
 
@@ -64,6 +72,8 @@ class LoadResult:
     source: str
     reason: str = ""
     message: str = ""
+    images_decoded: int = 0  # work done, for the loader's per-step counters
+    tiles_decoded: int = 0
 
 
 class LineFile:
@@ -223,7 +233,8 @@ class InternVLDataset:
         self.stats: dict[str, int] = {}
         self._perm_lock = threading.Lock()
         self._perms: dict[tuple[int, int], np.ndarray] = {}
-        self._meta_cached = lru_cache(maxsize=1 << 20)(self._entry_meta)
+        self.allocate = functools.partial(np.empty, dtype=np.float32)  # where pixels are made (shape -> array)
+        self.tables = self._shape_tables(int(getattr(data, "index_workers", 0)), getattr(data, "index_dir", ""))
         self.mean_tokens = (0.0, 0.0)  # (multimodal, text) estimates
         self.text_share = self._choose_text_share(float(data.lm_ratio), ratio_probe)
         self._share_num = int(round(self.text_share * _SHARE_DEN))
@@ -233,6 +244,26 @@ class InternVLDataset:
                  self.mean_tokens[0], self.mean_tokens[1], data.lm_ratio)
 
     # ------------------------------------------------------------------ setup
+
+    def _shape_tables(self, workers: int, index_dir: str) -> dict[tuple[str, int], shape_index.ShapeTable]:
+        """The shape index of every annotation file and of the text corpus (cached or built)."""
+        workers = min(workers, os.cpu_count() or 1)
+        tok = _tokenizer_digest(self.tokenizer.path)
+        p = self.processor
+        image = {"template": TEMPLATE, "system_prompt": self.system_prompt, "num_image_token": self.num_image_token,
+                 "image_size": p.image_size, "min_dynamic_patch": p.min_num, "max_dynamic_patch": p.max_num,
+                 "use_thumbnail": p.use_thumbnail}
+        out = {}
+        for a, ann in enumerate(self.annotations):
+            settings = {"kind": "multimodal", "tokenizer": tok, "root": os.path.abspath(ann.root), **image}
+            out[("multimodal", a)] = shape_index.load_or_build(
+                ann.lines.path, len(ann.lines), settings, lambda k, a=a: self._entry("multimodal", a, k), workers,
+                index_dir)
+        if self.text is not None:
+            out[("text", -1)] = shape_index.load_or_build(
+                self.text.path, len(self.text), {"kind": "text", "tokenizer": tok},
+                lambda k: self._entry("text", -1, k), workers, index_dir)
+        return out
 
     def _check_tokenizer(self, model: ModelConfig) -> None:
         tok = self.tokenizer
@@ -269,7 +300,7 @@ class InternVLDataset:
             sizes = []
             for j in perm.tolist():
                 entry = ("text", -1, j) if kind == "text" else ("multimodal", int(self.mm_src[j]), int(self.mm_line[j]))
-                m = self._meta_cached(*entry)
+                m = self._entry_meta(*entry)
                 if m.text_tokens > 0:
                     sizes.append(m.text_tokens + m.tiles * self.num_image_token)
             return float(np.mean(sizes)) if sizes else 0.0
@@ -366,48 +397,99 @@ class InternVLDataset:
         except ConversationError as e:
             raise BadSample(e.reason, str(e)) from None
 
-    def _entry_meta(self, kind: str, a: int, line: int) -> SampleMeta:
+    def _entry(self, kind: str, a: int, line: int) -> shape_index.Entry:
+        """The shape index entry of one record (reads its line and image headers)."""
         try:
             p = self._prepare(kind, a, line)
-        except BadSample:
+        except BadSample as e:
+            return e.reason, 0, [], e.message
+        return "", len(p.input_ids) - sum(p.image_tiles) * self.num_image_token, list(p.image_tiles), ""
+
+    def _entry_meta(self, kind: str, a: int, line: int) -> SampleMeta:
+        t = self.tables[(kind, a)]
+        if t.status[line]:
             return SampleMeta(0, 0)
-        tiles = sum(p.image_tiles)
-        return SampleMeta(len(p.input_ids) - tiles * self.num_image_token, tiles)
+        return SampleMeta(int(t.text_tokens[line]), int(t.image_tiles[t.offsets[line]:t.offsets[line + 1]].sum()))
 
     def meta(self, i: int) -> SampleMeta:
-        """``(text_tokens, tiles)`` of global index ``i`` without decoding pixels (cached)."""
-        return self._meta_cached(*self.locate(i))
+        """``(text_tokens, tiles)`` of global index ``i`` from the shape index ((0, 0) when it is bad)."""
+        return self._entry_meta(*self.locate(i))
+
+    def shape(self, i: int) -> tuple[str, str, int, list[int]]:
+        """``(skip reason or "", message, LLM tokens, tiles per image)`` of global index ``i`` from the
+        shape index alone (a sample over ``data.max_sample_tokens`` is ``too_long``)."""
+        kind, a, line = self.locate(i)
+        t = self.tables[(kind, a)]
+        if t.status[line]:
+            return t.reason(line), t.messages.get(line, ""), 0, []
+        tiles = t.tiles(line)
+        n = int(t.text_tokens[line]) + sum(tiles) * self.num_image_token
+        if n > self.max_sample_tokens:
+            return "too_long", f"{n} tokens > data.max_sample_tokens={self.max_sample_tokens}", n, tiles
+        return "", "", n, tiles
 
     def num_tokens(self, i: int) -> int:
         m = self.meta(i)
         return m.text_tokens + m.tiles * self.num_image_token
 
-    def try_load(self, i: int) -> LoadResult:
-        """Load global index ``i``; a bad sample gives ``sample=None`` and its reason (not counted)."""
+    def try_load(self, i: int, tiles: Optional[Sequence[int]] = None) -> LoadResult:
+        """Load global index ``i``; a bad sample gives ``sample=None`` and its reason (not counted).
+        ``tiles``: the sample's tile numbers whose pixels to decode (None: all; empty: tokens only);
+        the sample's ``tile_ids`` then names the rows of its ``pixel_values``."""
         kind, a, line = self.locate(i)
-        lines = self._lines(kind, a)
-        source = lines.source(line)
+        source = self._lines(kind, a).source(line)
+        reason, message, indexed_tokens, indexed = self.shape(i)
+        if reason:
+            return LoadResult(i, None, source, reason, message)
+        decoded = [0, 0]
         try:
             p = self._prepare(kind, a, line)
             if len(p.input_ids) > self.max_sample_tokens:
                 raise BadSample("too_long", f"{len(p.input_ids)} tokens > data.max_sample_tokens="
                                             f"{self.max_sample_tokens}")
-            pixel_values = None
-            if p.image_paths:
-                augment = kind == "multimodal" and self.annotations[a].data_augment
-                rng = sample_random(self.seed, i, "image") if augment and self.processor.jpeg_aug_prob > 0 else None
-                processor = self.processor if augment else _no_augment(self.processor)
-                chunks = [processor.tiles(_decode_image(path), rng) for path in p.image_paths]
-                for path, t, n in zip(p.image_paths, chunks, p.image_tiles):
-                    if t.shape[0] != n:
-                        raise BadSample("corrupt_image", f"{path}: {t.shape[0]} tiles decoded, header said {n}")
-                pixel_values = torch.from_numpy(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
+            if p.image_tiles != indexed or len(p.input_ids) != indexed_tokens:
+                raise BadSample("stale_index", f"{len(p.input_ids)} tokens, tiles {p.image_tiles}; the shape index "
+                                               f"says {indexed_tokens} tokens, tiles {indexed} (file changed since "
+                                               f"indexing)")
+            pixel_values, tile_ids = self._pixels(kind, a, i, p, tiles, decoded)
             sample = Sample(input_ids=torch.tensor(p.input_ids, dtype=torch.int64),
                             labels=torch.tensor(p.labels, dtype=torch.int64), pixel_values=pixel_values,
-                            image_tiles=list(p.image_tiles), source=source, kind=kind, index=int(i))
-            return LoadResult(i, sample, source)
+                            image_tiles=list(p.image_tiles), source=source, kind=kind, index=int(i), tile_ids=tile_ids)
+            return LoadResult(i, sample, source, images_decoded=decoded[0], tiles_decoded=decoded[1])
         except BadSample as e:
-            return LoadResult(i, None, source, e.reason, e.message)
+            return LoadResult(i, None, source, e.reason, e.message, decoded[0], decoded[1])
+
+    def _pixels(self, kind: str, a: int, i: int, p: _Prepared, tiles: Optional[Sequence[int]],
+                decoded: list[int]) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
+        """(pixels of the wanted tiles, their tile numbers or None for all); counts decoded images and tiles."""
+        if not p.image_paths:
+            return None, None
+        augment = kind == "multimodal" and self.annotations[a].data_augment
+        rng = sample_random(self.seed, i, "image") if augment and self.processor.jpeg_aug_prob > 0 else None
+        processor = self.processor if augment else _no_augment(self.processor)
+        want = None if tiles is None else set(int(t) for t in tiles)
+        per_image, start = [], 0
+        for n in p.image_tiles:
+            per_image.append(list(range(n)) if want is None else [k for k in range(n) if start + k in want])
+            start += n
+        S = processor.image_size
+        out = self.allocate((sum(len(m) for m in per_image), 3, S, S))  # the loader's workers: shared memory
+        ids, start, row = [], 0, 0
+        for path, n, mine in zip(p.image_paths, p.image_tiles, per_image):
+            if not mine:
+                processor.augment_plan(n, rng)  # the draws of this image's tiles, so later images get theirs
+            else:
+                image = _decode_image(path)
+                got = processor.num_tiles(*image.size)
+                if got != n:
+                    raise BadSample("corrupt_image", f"{path}: {got} tiles decoded, header said {n}")
+                processor.tiles(image, rng, mine, out=out[row:row + len(mine)])
+                ids.extend(start + k for k in mine)
+                row += len(mine)
+                decoded[0] += 1
+                decoded[1] += len(mine)
+            start += n
+        return torch.from_numpy(out), None if tiles is None else ids
 
     def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
         """Count a skipped sample in ``stats`` (default ``self.stats``) and log it with file:line."""
@@ -456,6 +538,17 @@ def _decode_image(path: str) -> Image.Image:
         raise BadSample("corrupt_image", f"cannot decode image {path}: {e}") from None
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _tokenizer_digest(path: str) -> str:
+    """Content hash of the tokenizer's files (memoised by their size and modification time)."""
+    key = json.dumps(shape_index.file_fingerprint(path), sort_keys=True) if os.path.exists(path) else path
+    if key not in _DIGESTS:
+        _DIGESTS[key] = shape_index.content_digest(path) if os.path.exists(path) else f"name:{path}"
+    return _DIGESTS[key]
+
+
 def _no_augment(p: ImageProcessor) -> ImageProcessor:
     return ImageProcessor(p.image_size, p.min_num, p.max_num, p.use_thumbnail, 0.0)
 
@@ -467,9 +560,10 @@ def build_dataset(cfg: Any, tokenizer: Optional[Tokenizer] = None) -> InternVLDa
 
 def build_step_loader(cfg: Any, tokenizer: Optional[Tokenizer] = None):
     """``StepLoader`` over ``build_dataset(cfg)`` with ``cfg.train.global_batch`` samples per step;
-    ``data.num_workers`` > 0 loads with that many threads and prefetches the next step."""
+    ``data.num_workers`` > 0 loads in that many worker processes, prefetching the next step unless
+    ``data.prefetch`` is false."""
     from engine.data.loader import StepLoader
 
     workers = int(getattr(cfg.data, "num_workers", 0))
     return StepLoader(build_dataset(cfg, tokenizer), cfg.train.global_batch, num_workers=workers,
-                      prefetch=workers > 0)
+                      prefetch=workers > 0 and bool(getattr(cfg.data, "prefetch", True)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -112,19 +113,44 @@ class ImageProcessor:
     def num_tiles(self, width: int, height: int) -> int:
         return num_tiles(width, height, self.min_num, self.max_num, self.image_size, self.use_thumbnail)
 
-    def tiles(self, image: Image.Image, rng: random.Random | None = None) -> np.ndarray:
-        """Tile and normalise ``image`` to a ``[tiles, 3, S, S]`` float32 array; each tile is
-        JPEG-degraded with probability ``jpeg_aug_prob`` at a quality drawn from ``rng`` (required
-        when the probability is > 0)."""
-        tiles = dynamic_preprocess(image.convert("RGB"), self.min_num, self.max_num, self.image_size,
-                                   self.use_thumbnail)
-        if self.jpeg_aug_prob > 0 and rng is None:
+    def augment_plan(self, n: int, rng: random.Random | None) -> list[int | None]:
+        """The JPEG quality of each of ``n`` tiles (None: not degraded): each tile is degraded with
+        probability ``jpeg_aug_prob`` at a quality drawn from ``rng`` (required when it is > 0)."""
+        if self.jpeg_aug_prob <= 0:
+            return [None] * n
+        if rng is None:
             raise ValueError("JPEG augmentation needs a random generator")
-        out = np.empty((len(tiles), 3, self.image_size, self.image_size), dtype=np.float32)
-        for k, tile in enumerate(tiles):
-            if self.jpeg_aug_prob > 0 and rng.random() < self.jpeg_aug_prob:
-                tile = jpeg_degrade(tile, rng.randint(*JPEG_QUALITIES))
-            out[k] = normalize_array(tile, self.image_size)
+        return [rng.randint(*JPEG_QUALITIES) if rng.random() < self.jpeg_aug_prob else None for _ in range(n)]
+
+    def tiles(self, image: Image.Image, rng: random.Random | None = None,
+              wanted: Sequence[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """Tile, augment (``augment_plan``) and normalise ``image`` to a ``[tiles, 3, S, S]`` float32
+        array (written into ``out`` when given); ``wanted``: only those tile numbers, in increasing order
+        (the draws are the whole image's, so the pixels of a tile do not depend on which others are made)."""
+        image = image.convert("RGB")
+        width, height = image.size
+        cols, rows = tile_grid(width, height, self.min_num, self.max_num, self.image_size)
+        grid = cols * rows
+        total = grid + 1 if self.use_thumbnail and grid > 1 else grid
+        quality = self.augment_plan(total, rng)
+        keep = range(total) if wanted is None else sorted(set(int(k) for k in wanted))
+        if any(not 0 <= k < total for k in keep):
+            raise ValueError(f"tiles {list(keep)} asked of an image of {total} tiles")
+        S = self.image_size
+        resized = image.resize((cols * S, rows * S), Image.Resampling.BICUBIC) if any(k < grid for k in keep) else None
+        if out is None:
+            out = np.empty((len(keep), 3, S, S), dtype=np.float32)
+        elif out.shape != (len(keep), 3, S, S):
+            raise ValueError(f"out has shape {out.shape}, the tiles {(len(keep), 3, S, S)}")
+        for j, k in enumerate(keep):
+            if k < grid:
+                r, c = divmod(k, cols)
+                tile = resized.crop((c * S, r * S, (c + 1) * S, (r + 1) * S))
+            else:
+                tile = image.resize((S, S), Image.Resampling.BICUBIC)
+            if quality[k] is not None:
+                tile = jpeg_degrade(tile, quality[k])
+            out[j] = normalize_array(tile, S)
         return out
 
     def __call__(self, image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:

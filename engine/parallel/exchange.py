@@ -207,12 +207,25 @@ class VisualExchange:
         self.sent_bytes = row * rows
         return _Exchange.apply(local_vit_out, fwd, bwd, self.group)
 
-    def local_pixels(self, plan: ExchangePlan, sample_pixels: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
-        """Pixel tiles this rank's ViT data-parallel rank encodes, in plan order."""
-        where = [(s, k) for s, px in enumerate(sample_pixels) for k in range(0 if px is None else px.shape[0])]
+    def local_pixels(self, plan: ExchangePlan, sample_pixels: Sequence[Optional[torch.Tensor]],
+                     sample_tiles: Optional[Sequence[int]] = None,
+                     sample_tile_ids: Optional[Sequence[Optional[Sequence[int]]]] = None) -> torch.Tensor:
+        """Pixel tiles this rank's ViT data-parallel rank encodes, in plan order. When a sample's
+        pixels hold only some of its tiles, ``sample_tiles`` gives every sample's tile count and
+        ``sample_tile_ids[s]`` the tiles ``sample_pixels[s]`` holds (None: all)."""
+        if sample_tiles is None:
+            sample_tiles = [0 if px is None else px.shape[0] for px in sample_pixels]
+        where = [(s, k) for s, n in enumerate(sample_tiles) for k in range(n)]
         tiles = plan.vit[self.vit_rank()]
         if not tiles:
-            ref = next((px for px in sample_pixels if px is not None), None)
+            ref = next((px for px in sample_pixels if px is not None and px.dim() == 4), None)
             shape = (0,) + (tuple(ref.shape[1:]) if ref is not None else (3, 1, 1))
             return torch.zeros(shape)
-        return torch.stack([sample_pixels[where[t][0]][where[t][1]] for t in tiles])
+        rows = []
+        for t in tiles:
+            s, k = where[t]
+            ids = None if sample_tile_ids is None else sample_tile_ids[s]
+            if sample_pixels[s] is None or (ids is not None and k not in ids):
+                raise RuntimeError(f"tile {k} of sample {s} is to be encoded on this rank but was not loaded here")
+            rows.append(sample_pixels[s][k if ids is None else list(ids).index(k)])
+        return torch.stack(rows)

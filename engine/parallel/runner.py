@@ -1,12 +1,14 @@
 """``ParallelRunner``: one optimisation step on any layout, with ``LocalRunner``'s interface.
 
-Every rank holds the same global list of samples. Per step:
+Every rank sees the same step as shapes (``StepBatch``: token counts and tiles per image from the
+shape index) and loads only its own share of it (``engine.parallel.data_share``). Per step:
 1. placement (``engine.balance.placement``): with ``balance.enabled`` the balancer assigns samples
    to the LLM data-parallel replicas, their ``parallel.llm.microbatches`` microbatches and packed
    rows, and tiles to the ViT data-parallel ranks; otherwise samples split contiguously over the
    replicas and microbatches and tiles contiguously over the ViT ranks. Every rank computes the same
-   placement from the same samples (seeded by ``train.seed`` and the step's first sample index), so
-   nothing is broadcast; a checksum gathered after the step proves it. Each microbatch is packed
+   placement from the same shapes (seeded by ``train.seed`` and the step's first sample index), so
+   nothing is broadcast; a checksum gathered after the step proves it. The rank then loads the tokens
+   of its replica's samples and the pixels of its ViT rank's tiles. Each microbatch is packed
    (rows padded to the token-split multiple);
 2. W = the token weights of the whole global batch (summed over the replicas before any forward),
    so where a sample is placed does not change the loss or the gradients;
@@ -17,7 +19,8 @@ Every rank holds the same global list of samples. Per step:
 6. partial gradients are summed over their model-parallel groups, then over data parallelism,
    each module over its own grid.
 
-Step statistics ``balance/*``: predicted max/mean imbalance of the placement (cost model) and the
+Step statistics ``data/*``: the most samples tokenised, images and tiles decoded, and seconds waited
+for data on any rank. ``balance/*``: predicted max/mean imbalance of the placement (cost model) and the
 measured one (compute time of the ViT forward+backward and of the LLM pipeline without its
 communication, per rank, averaged over the ranks of each ViT rank / LLM replica; on a CPU also by
 process CPU time, ``*_meas_cpu``), bytes the exchange moved between ranks, the placement's time, and
@@ -41,12 +44,14 @@ from engine.balance.cost import CostModel
 from engine.balance.layout import Layout
 from engine.balance.measure import ComputeClock, group_imbalance
 from engine.balance.packing import tight_rows
-from engine.balance.placement import Placement, moved, place, sample_shapes
+from engine.balance.placement import Placement, moved
 from engine.config import Config, ConfigError
 from engine.data.batch import Sample
+from engine.data.loader import StepBatch
 from engine.data.packing import first_fit
 from engine.models.llm import QwenLM
 from engine.parallel.data_parallel import GradReducer, build_zero_optimizer, clip_grad_norm
+from engine.parallel.data_share import load_share, place_step, rank_share
 from engine.parallel.exchange import ExchangePlan, VisualExchange
 from engine.parallel.materialize import is_meta, materialize_for
 from engine.parallel.parallelize import (LLMLayout, check_layout, embed_tokens, gather_full_state_dict, keep_stage,
@@ -211,27 +216,20 @@ class ParallelRunner:
             self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
 
     # ------------------------------------------------------------------ one step
-    def _place(self, samples: Sequence[Sample]) -> tuple[Placement, Placement]:
+    def _place(self, batch: StepBatch) -> tuple[Placement, Placement]:
         """(placement used this step, the naive placement), the same on every rank."""
-        shapes = sample_shapes([s.num_tokens for s in samples], [s.image_tiles for s in samples],
-                               self.cfg.model.num_image_token)
-        enabled = self.cfg.balance.enabled
-        naive = place(shapes, self.balance_layout, first_fit, self.cost, balanced=False, rows=not enabled)
-        if not enabled:
-            return naive, naive
-        seed = self.cfg.train.seed * 1_000_003 + (samples[0].index if samples else 0)
-        chosen = place(shapes, self.balance_layout, first_fit, self.cost, balanced=True, seed=seed % 2**63)
-        if chosen.method != "balanced":
-            log.warning("balance: %d samples cannot fill %d replicas x %d microbatches; naive split this step",
-                        len(samples), self.balance_layout.llm_dp, self.balance_layout.microbatches)
-        return chosen, naive
+        return place_step(batch, self.balance_layout, self.cost, self.cfg.balance.enabled, self.cfg.train.seed)
+
+    def data_request(self, batch: StepBatch) -> dict:
+        """What this rank loads of ``batch`` (the loader asks ahead of the step when prefetching)."""
+        return rank_share(self._place(batch)[0], self.topo.llm.coord("dp"), self.exchange.vit_rank())
 
     def _pack(self, samples: Sequence[Sample], order: list[int], group: list[int]):
         """Pack one microbatch (first-fit in ``group`` order, rows at most ``data.max_packed_tokens``, at
         the tightest capacity that keeps the row count: ``tight_rows``); its pixels travel through the
-        exchange, so they are dropped here."""
-        light = [dataclasses.replace(s, pixel_values=None if s.pixel_values is None else s.pixel_values[:, :0])
-                 for s in (samples[i] for i in group)]
+        exchange, so they are left out here (an empty row per tile)."""
+        light = [dataclasses.replace(s, pixel_values=None if s.pixel_values is None else torch.empty(s.num_tiles, 0),
+                                     tile_ids=None) for s in (samples[i] for i in group)]
         _, capacity = tight_rows([s.num_tokens for s in light], self.cfg.data.max_packed_tokens, first_fit)
         cfg = self.cfg
         if capacity != cfg.data.max_packed_tokens:
@@ -243,9 +241,14 @@ class ParallelRunner:
             raise RuntimeError(f"packed image order {got} differs from the exchange order {want}")
         return batch
 
-    def forward_backward(self, samples: Sequence[Sample]) -> dict:
+    def forward_backward(self, batch: StepBatch | Sequence[Sample]) -> dict:
+        """One step over ``batch`` (a ``StepBatch``, or samples in memory on every rank)."""
         cfg, llm, lm = self.cfg, self.topo.llm, self.model.language_model
-        placement, naive = self._place(samples)
+        if not isinstance(batch, StepBatch):
+            batch = StepBatch.from_samples(batch)
+        load_share(batch, lambda b: self._place(b)[0], llm.coord("dp"), self.exchange.vit_rank(), self.device)
+        placement, naive = self._place(batch)
+        samples = batch.samples()
         self.last_placement = placement
         order = placement.order()
         d = llm.coord("dp")
@@ -262,9 +265,10 @@ class ParallelRunner:
 
         self.clock.reset()
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
-        sample_tiles = [s.num_tiles for s in samples]
+        sample_tiles = batch.num_tiles
         plan = ExchangePlan.from_ranges(sample_tiles, placement.vit, order)
-        pixels = self.exchange.local_pixels(plan, [s.pixel_values for s in samples]).to(self.device)
+        pixels = self.exchange.local_pixels(plan, [None if s is None else s.pixel_values for s in samples], sample_tiles,
+                                            [None if s is None else s.tile_ids for s in samples]).to(self.device)
         out = self._vit_forward(pixels, autocast)
         vit_out = out.detach().requires_grad_(out.requires_grad)
         embeds = self.exchange.forward(vit_out, plan)
@@ -292,6 +296,8 @@ class ParallelRunner:
         mine = [stages.loss if last else 0.0, c.seconds("vit"), c.seconds("llm") - c.seconds("llm_comm"),
                 float(self.exchange.sent_bytes), float(placement.checksum()), c.cpu_seconds("vit"),
                 c.cpu_seconds("llm") - c.cpu_seconds("llm_comm")]
+        data_keys = sorted(batch.counters)
+        mine += [float(batch.counters[k]) for k in data_keys]
         gathered = self._gather_rows(mine)
         if len(set(gathered[:, 4].tolist())) != 1:
             raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "
@@ -300,6 +306,8 @@ class ParallelRunner:
                      samples=int(n), tokens=int(text + visual))
         stats.update(self._balance_stats(placement, naive, gathered, sample_tiles))
         stats.update(straggler_stats(gathered[:, 1] + gathered[:, 2]))
+        stats.update({f"data/{k}_max": float(gathered[:, 7 + j].max()) for j, k in enumerate(data_keys)})
+        stats["data/images"] = sum(len(t) for t in batch.image_tiles)
         return stats
 
     def _gather_rows(self, values: list[float]):

@@ -1,0 +1,187 @@
+"""The shape index: every record's size without its pixels, computed once and cached beside the data.
+
+For each line of an annotation file (or of the text corpus) the index holds whether the record is
+usable (else its skip reason and message), its non-visual token count and the tiles of each of its
+images (dynamic tiling needs only the image's size, which its header gives). Placement and the text
+share are decided from the index alone; loading then checks that the record still has the indexed
+shape (a file changed after indexing is skipped and counted as ``stale_index``).
+
+Cache: ``<annotation>.<key>.shapes.npz`` beside the annotation file (or in ``data.index_dir``), where
+``key`` hashes the annotation file (path, size, modification time) and every setting that changes a
+record's shape: the tokenizer's files, the chat template and system prompt, the image root, the
+image size, ``min/max_dynamic_patch``, the thumbnail and the tokens per tile. A changed file or
+setting gives another key, so the index is rebuilt; a missing, unreadable or inconsistent cache
+file is (re)built with a warning, never trusted. The build runs in ``workers`` processes with a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+log = logging.getLogger("engine.data")
+
+FORMAT = "engine-shape-index-1"
+REASONS = ("", "missing_image", "corrupt_image", "malformed", "image_mismatch", "too_long", "stale_index")
+IN_PROCESS_BELOW = 4096  # records: smaller files are indexed in this process (no pool start-up)
+CHUNK = 256  # records per worker task
+
+Entry = tuple[str, int, list[int], str]  # (reason or "", text tokens, tiles per image, message)
+
+
+@dataclass
+class ShapeTable:
+    """Shapes of the records of one line file, by line position."""
+
+    status: np.ndarray  # [n] int8: index into REASONS (0: usable)
+    text_tokens: np.ndarray  # [n] int32: tokens besides the image context tokens
+    offsets: np.ndarray  # [n+1] int64 into ``image_tiles``
+    image_tiles: np.ndarray  # [images] int32: tiles of each image, record by record
+    messages: dict[int, str]  # line position -> why the record is unusable
+
+    def __len__(self) -> int:
+        return int(self.status.size)
+
+    def reason(self, k: int) -> str:
+        return REASONS[int(self.status[k])]
+
+    def tiles(self, k: int) -> list[int]:
+        return self.image_tiles[int(self.offsets[k]):int(self.offsets[k + 1])].tolist()
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[Entry]) -> "ShapeTable":
+        status = np.asarray([REASONS.index(e[0]) for e in entries], dtype=np.int8)
+        counts = np.asarray([len(e[2]) for e in entries], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        tiles = np.asarray([t for e in entries for t in e[2]], dtype=np.int32)
+        return cls(status, np.asarray([e[1] for e in entries], dtype=np.int32), offsets, tiles,
+                   {k: e[3] for k, e in enumerate(entries) if e[0]})
+
+
+def file_fingerprint(path: str) -> dict:
+    """Identity of a file (or of every file under a folder): path, size and modification time."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
+        return {"dir": path, "files": [file_fingerprint(f) for f in files]}
+    st = os.stat(path)
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def content_digest(path: str) -> str:
+    """SHA-256 of a file's bytes, or of every file under a folder (names and bytes)."""
+    h = hashlib.sha256()
+    files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs) if os.path.isdir(path) else [path]
+    for f in files:
+        h.update(os.path.relpath(f, path).encode() if f != path else b"")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def index_key(lines_path: str, settings: dict) -> str:
+    """Hex key of an index: the line file's identity and the settings that shape its records."""
+    blob = json.dumps({"format": FORMAT, "file": file_fingerprint(lines_path), "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def index_path(lines_path: str, key: str, index_dir: str = "") -> str:
+    folder = index_dir or os.path.dirname(os.path.abspath(lines_path))
+    return os.path.join(folder, f"{os.path.basename(lines_path)}.{key[:16]}.shapes.npz")
+
+
+def save_table(path: str, table: ShapeTable, key: str) -> None:
+    """Write atomically (a reader sees the old file, the new one, or none)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, status=table.status, text_tokens=table.text_tokens, offsets=table.offsets,
+                 image_tiles=table.image_tiles,
+                 meta=np.frombuffer(json.dumps({"key": key, "messages": table.messages}).encode(), dtype=np.uint8))
+    os.replace(tmp, path)
+
+
+def read_table(path: str, key: str, n: int) -> ShapeTable:
+    """The cached table, or ValueError when it is not the index of ``key`` with ``n`` records."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(z["meta"].tobytes().decode())
+        table = ShapeTable(z["status"], z["text_tokens"], z["offsets"], z["image_tiles"],
+                           {int(k): str(v) for k, v in meta.get("messages", {}).items()})
+    if meta.get("key") != key:
+        raise ValueError(f"its key {str(meta.get('key'))[:16]} is not {key[:16]}")
+    if len(table) != n or table.text_tokens.size != n or table.offsets.size != n + 1:
+        raise ValueError(f"it holds {len(table)} records, the file has {n}")
+    if table.offsets[0] != 0 or table.offsets[-1] != table.image_tiles.size or np.any(np.diff(table.offsets) < 0):
+        raise ValueError("its image offsets are inconsistent")
+    if table.status.min(initial=0) < 0 or table.status.max(initial=0) >= len(REASONS):
+        raise ValueError("it has unknown status codes")
+    return table
+
+
+_BUILD: Optional[Callable[[int], Entry]] = None  # the entry function of the pool being built (inherited by fork)
+
+
+def _build_chunk(bounds: tuple[int, int], entry: Optional[Callable[[int], Entry]] = None) -> list[Entry]:
+    entry = entry or _BUILD
+    assert entry is not None
+    return [entry(k) for k in range(*bounds)]
+
+
+def build_table(n: int, entry: Callable[[int], Entry], workers: int, label: str) -> ShapeTable:
+    """Entries ``entry(0..n-1)`` in ``workers`` forked processes (in this one when few or ``workers`` is 0)."""
+    global _BUILD
+    t0 = time.perf_counter()
+    chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc=f"shape index {label}", unit="rec", disable=None, leave=False)
+    entries: list[Entry] = []
+    try:
+        if workers > 0 and n >= IN_PROCESS_BELOW and "fork" in multiprocessing.get_all_start_methods():
+            _BUILD = entry
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+                for part in pool.map(_build_chunk, chunks):
+                    entries.extend(part)
+                    bar.update(len(part))
+        else:
+            for c in chunks:
+                entries.extend(_build_chunk(c, entry))
+                bar.update(c[1] - c[0])
+    finally:
+        _BUILD = None
+        bar.close()
+    log.info("shape index %s: %d records in %.1f s (%d worker processes)", label, n, time.perf_counter() - t0,
+             workers if n >= IN_PROCESS_BELOW else 0)
+    return ShapeTable.from_entries(entries)
+
+
+def load_or_build(lines_path: str, n: int, settings: dict, entry: Callable[[int], Entry], workers: int = 0,
+                  index_dir: str = "") -> ShapeTable:
+    """The index of a line file of ``n`` records: from its cache when valid, else built (and cached
+    when the folder is writable)."""
+    key = index_key(lines_path, settings)
+    path = index_path(lines_path, key, index_dir)
+    if os.path.exists(path):
+        try:
+            return read_table(path, key, n)
+        except Exception as e:  # any damage: rebuild
+            log.warning("shape index %s is unusable (%s): rebuilding it", path, e)
+    else:
+        log.warning("no shape index %s (first use of this file with these settings, or it was removed): "
+                    "building it", path)
+    table = build_table(n, entry, workers, os.path.basename(lines_path))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_table(path, table, key)
+    except OSError as e:
+        log.warning("shape index for %s not cached (%s): set data.index_dir to a writable folder", lines_path, e)
+    return table
