@@ -145,6 +145,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive skipped (non-finite / spiking) steps before the run stops
     spike_factor: float = 0.0  # skip a step whose loss exceeds this x the max of recent good losses (0: off)
     spike_window: int = 100  # how many recent good losses the spike guard looks at
+    hang_timeout_s: float = 0.0  # a rank stuck this long in one phase logs it and exits (status 4); 0: off
     progress: bool = True
     tensorboard: bool = True
     device: str = "auto"  # auto | cpu | cuda
@@ -203,6 +204,9 @@ class FaultsConfig:
     """Fault drills: deliberate failures, for the tests and for checking a new cluster."""
 
     nan_at_steps: list[int] = field(default_factory=list)  # steps whose loss becomes NaN on one rank
+    stall_rank: int = -1  # this rank stalls (sleeps) ...
+    stall_at_step: int = 0  # ... at the start of this step ...
+    stall_seconds: float = 0.0  # ... for this long (a hang drill for train.hang_timeout_s)
 
 
 @dataclass
@@ -499,6 +503,11 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
     _check(t.spike_factor == 0 or t.spike_factor > 1,
            f"train.spike_factor={t.spike_factor} must be 0 (off) or > 1")
     _check(t.spike_window >= 1, f"train.spike_window={t.spike_window} must be >= 1")
+    _check(t.hang_timeout_s >= 0, f"train.hang_timeout_s={t.hang_timeout_s} must be >= 0 (0: off)")
+    f = cfg.faults
+    _check(f.stall_seconds >= 0, f"faults.stall_seconds={f.stall_seconds} must be >= 0")
+    if world_size is not None and f.stall_seconds > 0:
+        _check(0 <= f.stall_rank < world_size, f"faults.stall_rank={f.stall_rank} is not a rank of a world of {world_size}")
     e = cfg.eval
     _check(e.interval >= 0, f"eval.interval={e.interval} must be >= 0")
     if e.interval:

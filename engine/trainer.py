@@ -25,6 +25,7 @@ from engine.config import Config, ConfigError, save_config, validate_config
 from engine.metrics import MetricsLogger, peak_rss_mib, setup_logging
 from engine.models.internvl import InternVLModel
 from engine.optim import build_scheduler
+from engine.watchdog import Watchdog, job_store
 
 log = logging.getLogger("engine.trainer")
 
@@ -37,7 +38,11 @@ def init_distributed() -> tuple[int, int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend)
+        method = os.environ.get("ENGINE_INIT_METHOD")  # e.g. file:///shared/rendezvous instead of MASTER_ADDR/PORT
+        if method:
+            dist.init_process_group(backend, init_method=method, rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
     return rank, world, local_rank
 
 
@@ -224,6 +229,8 @@ class Trainer:
                                       async_save=cfg.train.async_save)
         self.step = 0
         self.health = StepHealth(cfg.train)
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s, self.rank, self.world, job_store())
+        self.runner.watchdog = self.watchdog
         self.eval_samples = self._eval_set() if cfg.eval.interval else []
         self._stop_signal: Optional[int] = None
         self._resume()
@@ -292,6 +299,7 @@ class Trainer:
         blocking = None
         if self.ckpt.async_save:  # the ranks must agree: the stop flag is all-reduced
             blocking = True if self.step >= self.cfg.train.steps or self._should_stop() else None
+        self.watchdog.enter("checkpoint write", collective=self.world > 1)
         path = save_checkpoint(self.ckpt, self.step, self.runner, self.cfg, self.state_dict(), rng_state(), blocking)
         log.info("saved checkpoint %s", path)
         return path
@@ -357,6 +365,7 @@ class Trainer:
     def _should_stop(self) -> bool:
         flag = torch.tensor([1.0 if self._stop_signal is not None else 0.0])
         if self.world > 1:
+            self.watchdog.enter("stop-signal all-reduce", collective=True)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -368,12 +377,15 @@ class Trainer:
                                 progress=cfg.progress, tensorboard=cfg.tensorboard)
         history = []
         setup = self.setup_report()
+        wd = self.watchdog
+        wd.start()
         try:
             while self.step < cfg.steps:
                 row = self.train_step()
                 if setup:  # the first step's row carries the set-up figures
                     row, setup = {**row, **setup}, {}
                 if self.eval_samples and self.step % self.cfg.eval.interval == 0:
+                    wd.enter("evaluation", collective=self.world > 1)
                     row["eval_loss"] = self.evaluate()
                 history.append(row)
                 if self.step % cfg.log_interval == 0 or self.step == cfg.steps:
@@ -389,13 +401,25 @@ class Trainer:
                     return history
             if cfg.steps > 0 and (not self.ckpt.published() or self.ckpt.published()[-1] != f"step_{self.step:08d}"):
                 self.save()
+        except Exception:
+            if self.world > 1:  # a collective failed: say where the other ranks were
+                wd.explain()
+            raise
         finally:
+            wd.stop()
             metrics.close()
             self.loader.close()  # its worker processes; a later step starts them again
         return history
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
+        wd, step = self.watchdog, self.step + 1
+        wd.enter("data: next step", step=step)
+        f = self.cfg.faults
+        if f.stall_seconds > 0 and step == f.stall_at_step and self.rank == f.stall_rank:  # hang drill
+            wd.enter("stall (fault drill faults.stall_*)")
+            log.warning("fault drill: rank %d stalls for %g s at step %d", self.rank, f.stall_seconds, step)
+            time.sleep(f.stall_seconds)
         if hasattr(self.loader.dataset, "shape"):  # shapes only: the runner loads this rank's share
             batch = self.loader.next_batch()
             sources = batch.sources
@@ -406,7 +430,9 @@ class Trainer:
         self.runner.poison_loss = self.step + 1 in self.cfg.faults.nan_at_steps  # fault drill
         stats = self.runner.forward_backward(batch)
         self.runner.poison_loss = False
+        wd.enter("gradient norm (all-reduce)", collective=self.world > 1)
         grad_norm = self.runner.clip_grad_norm(self.cfg.train.grad_clip)
+        wd.enter("optimizer step")
         lr = self.scheduler.get_last_lr()[0]
         if "straggler/rank" in stats:
             self.health.straggler(self.step + 1, int(stats["straggler/rank"]), stats["straggler/ratio"])

@@ -81,9 +81,15 @@ def test_spike_guard_and_non_finite_norm():
 
 def test_bad_health_settings_fail_before_training():
     for key, value in (("faults.nan_at_steps", "[0]"), ("faults.nan_at_steps", "five"),
-                       ("train.spike_factor", "0.5"), ("train.max_bad_steps", "0")):
+                       ("train.spike_factor", "0.5"), ("train.max_bad_steps", "0"), ("train.hang_timeout_s", "-1"),
+                       ("faults.stall_seconds", "-5")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             load_config(CONFIG, [f"{key}={value}"])
+    from engine.config import validate_config
+
+    cfg = load_config(CONFIG, ["faults.stall_rank=2", "faults.stall_seconds=10", "faults.stall_at_step=1"])
+    with pytest.raises(ConfigError, match=r"faults\.stall_rank=2 is not a rank of a world of 2"):
+        validate_config(cfg, 2)
 
 
 def _nan_under_tp(rank: int, world: int, data: str, run: str) -> dict:
@@ -129,3 +135,57 @@ def test_straggler_report(caplog):
         for step in range(21, 26):
             h.straggler(step, 2, 1.3)
     assert "rank 2 has been the slowest for 10 steps (step 25" in caplog.text
+
+
+# ----------------------------------------------------------------------------- hang watchdog
+
+def _log_time(line: str) -> float:
+    """Epoch seconds of a log line's ``%(asctime)s`` stamp."""
+    import datetime
+
+    stamp = " ".join(line.split(" ")[:2])
+    return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def test_a_stalled_rank_is_named_and_every_rank_exits(synthetic_data, tmp_path):
+    """2 gloo ranks; rank 1 sleeps 300 s at the start of step 3; train.hang_timeout_s=20."""
+    import time
+
+    opts = tiny_overrides(synthetic_data, str(tmp_path / "run"), **{
+        "train.steps": 6, "train.save_interval": 0, "train.hang_timeout_s": 20, "faults.stall_rank": 1,
+        "faults.stall_at_step": 3, "faults.stall_seconds": 300})
+    cmd = [sys.executable, "-m", "engine.train", "--config", CONFIG]
+    for o in opts:
+        cmd += ["--set", o]
+    procs, logs = [], []
+    for rank in (0, 1):
+        logs.append(open(tmp_path / f"rank{rank}.log", "w+"))
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", PYTHONPATH=ROOT,
+                   ENGINE_INIT_METHOD=f"file://{tmp_path / 'rendezvous'}")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
+    ended = [None, None]
+    deadline = time.time() + 400
+    try:
+        while None in ended and time.time() < deadline:
+            for r, p in enumerate(procs):
+                if ended[r] is None and p.poll() is not None:
+                    ended[r] = time.time()
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    out = []
+    for f in logs:
+        f.seek(0)
+        out.append(f.read())
+        f.close()
+    assert None not in ended, "a rank was still running:\n" + "\n".join(o[-2000:] for o in out)
+    stall = next(line for line in out[1].splitlines() if "fault drill: rank 1 stalls" in line)
+    for r, p in enumerate(procs):
+        assert p.returncode != 0, out[r][-3000:]
+        assert ended[r] - _log_time(stall) < 90, f"rank {r} ended {ended[r] - _log_time(stall):.0f} s after the stall"
+    assert procs[1].returncode == 4 and "rank 1: hang watchdog: step 3" in out[1], out[1][-3000:]
+    assert "phase 'stall (fault drill faults.stall_*)'" in out[1]
+    # rank 0 names rank 1 and where it was, whether its own watchdog or the broken collective ended it
+    assert "ranks that did not arrive: rank 1 (step 3, 'stall (fault drill faults.stall_*)')" in out[0], out[0][-3000:]

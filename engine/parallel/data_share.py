@@ -73,12 +73,16 @@ def agree_on_skips(found: dict, n: int, device: torch.device,
 
 
 def load_share(batch: StepBatch, place: Callable[[StepBatch], Placement], replica: int, vit_rank: int,
-               device: torch.device) -> Placement:
+               device: torch.device, mark: Callable[..., None] = lambda phase, collective=False: None) -> Placement:
     """Place ``batch``, load this rank's share, and repeat without the samples any rank could not
-    load (collective; a step with no bad sample costs one all-reduce of one int per sample)."""
+    load (collective; a step with no bad sample costs one all-reduce of one int per sample).
+    ``mark(phase, collective)`` names what the rank is doing (the hang watchdog's ``enter``)."""
     while True:
         placement = place(batch)
-        bad = agree_on_skips(batch.load(rank_share(placement, replica, vit_rank)), len(batch), device)
+        mark("data: loading this rank's share")
+        found = batch.load(rank_share(placement, replica, vit_rank))
+        mark("data: agreeing on failed samples (all-reduce)", collective=True)
+        bad = agree_on_skips(found, len(batch), device)
         if not bad:
             return placement
         if batch.loader is None:

@@ -61,6 +61,7 @@ from engine.parallel.plan import plan_for
 from engine.parallel.tensor_parallel import shard_info
 from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
+from engine.watchdog import Watchdog
 from engine.step import autocast_context, pack
 
 log = logging.getLogger("engine.balance")
@@ -110,15 +111,20 @@ class LLMStages:
 
 
 class TimedExecutor(PipelineExecutor):
-    """``PipelineExecutor`` that adds the time of its communication steps to ``clock``'s span ``"llm_comm"``."""
+    """``PipelineExecutor`` that adds the time of its communication steps to ``clock``'s span ``"llm_comm"``
+    and tells the hang watchdog which stages it exchanges with."""
 
-    def __init__(self, *args, clock: ComputeClock, **kwargs):
+    def __init__(self, *args, clock: ComputeClock, watchdog: Watchdog, **kwargs):
         super().__init__(*args, **kwargs)
-        self.clock = clock
+        self.clock, self.watchdog = clock, watchdog
 
     def _communicate(self, comm, inbox, outbox, saved, stages) -> None:
+        peers = sorted({self.pp_ranks[m.peer] for m in comm.ops})
+        phase = self.watchdog.phase
+        self.watchdog.enter(f"pipeline send/recv with rank(s) {peers}", collective=True)
         with self.clock.span("llm_comm"):
             super()._communicate(comm, inbox, outbox, saved, stages)
+        self.watchdog.enter(phase, collective=True)
 
 
 def load_cost_model(cfg: Config, value_bytes: int = 4) -> CostModel:
@@ -182,8 +188,9 @@ class ParallelRunner:
         self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
+        self.watchdog = Watchdog(0)  # the trainer's hang watchdog replaces it
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
-                                      clock=self.clock)
+                                      clock=self.clock, watchdog=self.watchdog)
         if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
@@ -246,7 +253,8 @@ class ParallelRunner:
         cfg, llm, lm = self.cfg, self.topo.llm, self.model.language_model
         if not isinstance(batch, StepBatch):
             batch = StepBatch.from_samples(batch)
-        load_share(batch, lambda b: self._place(b)[0], llm.coord("dp"), self.exchange.vit_rank(), self.device)
+        wd = self.executor.watchdog = self.watchdog
+        load_share(batch, lambda b: self._place(b)[0], llm.coord("dp"), self.exchange.vit_rank(), self.device, wd.enter)
         placement, naive = self._place(batch)
         samples = batch.samples()
         self.last_placement = placement
@@ -256,6 +264,7 @@ class ParallelRunner:
         local = [sum(float(b.loss_weights.double().sum()) for b in batches), sum(b.text_tokens for b in batches),
                  sum(b.visual_tokens for b in batches), sum(b.num_samples for b in batches)]
         totals = torch.tensor(local, dtype=torch.float64, device=self.device)
+        wd.enter("token weights (all-reduce over data parallelism)", collective=True)
         if llm.group("dp") is not None:
             dist.all_reduce(totals, group=llm.group("dp"))
         W, text, visual, n = totals.tolist()
@@ -269,8 +278,11 @@ class ParallelRunner:
         plan = ExchangePlan.from_ranges(sample_tiles, placement.vit, order)
         pixels = self.exchange.local_pixels(plan, [None if s is None else s.pixel_values for s in samples], sample_tiles,
                                             [None if s is None else s.tile_ids for s in samples]).to(self.device)
+        vit_group = self.topo.vit.size("tp") * self.topo.vit.size("hp") > 1
+        wd.enter("ViT forward", collective=vit_group)
         out = self._vit_forward(pixels, autocast)
         vit_out = out.detach().requires_grad_(out.requires_grad)
+        wd.enter("ViT-to-LLM exchange (all-to-all)", collective=True)
         embeds = self.exchange.forward(vit_out, plan)
         leaf = embeds.detach().requires_grad_(embeds.requires_grad)
         H, hidden = self.layout.llm.token_multiple, cfg.model.llm.hidden_size
@@ -283,13 +295,17 @@ class ParallelRunner:
         last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
         poison = self.poison_loss and last and llm.coord("dp") == 0  # one rank: the NaN must spread
         stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, W, autocast, poison)
+        wd.enter("LLM pipeline", collective=True)
         with self.clock.span("llm"):
             self.executor.run(self.program, stages)
         if embeds.requires_grad:  # collective: every rank runs the reverse exchange
+            wd.enter("exchange backward (all-to-all)", collective=True)
             torch.autograd.backward(embeds, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
             if out.grad_fn is not None:
+                wd.enter("ViT backward", collective=vit_group)
                 with self.clock.span("vit"):
                     out.backward(vit_out.grad if vit_out.grad is not None else torch.zeros_like(out))
+        wd.enter("gradient reduction (model and data parallel)", collective=True)
         self._reduce_grads()
 
         c = self.clock
@@ -298,6 +314,7 @@ class ParallelRunner:
                 c.cpu_seconds("llm") - c.cpu_seconds("llm_comm")]
         data_keys = sorted(batch.counters)
         mine += [float(batch.counters[k]) for k in data_keys]
+        wd.enter("step statistics (all-gather)", collective=True)
         gathered = self._gather_rows(mine)
         if len(set(gathered[:, 4].tolist())) != 1:
             raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "

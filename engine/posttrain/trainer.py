@@ -27,6 +27,7 @@ from engine.optim import build_scheduler
 from engine.posttrain.config import PostTrainConfig, save_posttrain_config, validate_posttrain
 from engine.trainer import (StepHealth, Trainer, build_model, init_distributed, resolve_device, resolve_dtype, seed_everything,
                             sync_token_ids)
+from engine.watchdog import Watchdog, job_store
 
 log = logging.getLogger("engine.posttrain")
 
@@ -67,6 +68,8 @@ class PostTrainer(Trainer):
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last)
         self.step = 0
         self.health = StepHealth(cfg.train)
+        self.watchdog = Watchdog(cfg.train.hang_timeout_s, self.rank, self.world, job_store())
+        self.runner.watchdog = self.watchdog
         self.eval_samples: list = []
         self._stop_signal: Optional[int] = None
         self._resume()
