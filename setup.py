@@ -8,8 +8,6 @@ setup(
     packages=find_packages(include=["engine", "engine.*", "kernels", "kernels.*"]),
     install_requires=[
         "torch>=2.4",
-        "megatron-core==0.16.1; python_version < '3.12'",
-        "megatron-core>=0.16.1; python_version >= '3.12'",
         "triton; platform_system == 'Linux'",
         "numpy",
         "pyyaml",
@@ -17,10 +15,14 @@ setup(
         "pillow",
         "safetensors",
         "sentencepiece",
+        "transformers>=4.52",  # tokenizer directories (the released checkpoints' format), checkpoint conversion
         "tensorboard",
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers>=4.52"],
+        # megatron-core: only a test compares the tensor-parallel layers with its own (the engine never imports it)
+        "dev": ["pytest", "pytest-timeout", "megatron-core==0.16.1; python_version < '3.12'",
+                "megatron-core>=0.16.1; python_version >= '3.12'"],
+        "flash": ["flash-attn"],  # FlashAttention-2 varlen kernels for document-masked attention on GPU
     },
 )

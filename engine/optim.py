@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from engine.config import TrainConfig
 
@@ -41,14 +42,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
 
 
-def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Total L2 norm of the gradients (before clipping); clips when ``max_norm > 0``."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+def clip_grad_norm(local: Sequence[torch.nn.Parameter], max_norm: float,
+                   counted: Optional[Sequence[torch.nn.Parameter]] = None, group=None) -> float:
+    """L2 norm of all gradients (float64 sum of squares), before clipping; clips ``local`` when
+    ``max_norm > 0``. Parallel: the squares of ``counted`` (this rank's parameters whose elements no
+    other rank counts; default ``local``) are summed over ``group`` (None: the default group)."""
+    device = next((p.grad.device for p in local if p.grad is not None), torch.device("cpu"))
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p in local if counted is None else counted:
+        if p.grad is not None:
+            sq += torch.linalg.vector_norm(p.grad.detach().double()) ** 2
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(sq, group=group)
+    total = float(sq.sqrt())
     if max_norm > 0:
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
-    return float(total)
+        scale = min(max_norm / (total + 1e-6), 1.0)
+        for p in local:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return total

@@ -7,41 +7,15 @@ is scaled by 1/W, so gradients equal those of one big batch however the samples 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from typing import Optional, Sequence
 
 import torch
 
 from engine.config import Config
-from engine.data.batch import PackedBatch, Sample
-
-
-def split_contiguous(items: Sequence, parts: int) -> list[list]:
-    """Split into ``parts`` contiguous chunks whose sizes differ by at most one."""
-    n = len(items)
-    out, start = [], 0
-    for i in range(parts):
-        size = n // parts + (1 if i < n % parts else 0)
-        out.append(list(items[start:start + size]))
-        start += size
-    return out
-
-
-def pack(samples: Sequence[Sample], cfg: Config, pad_id: int = 0, pad_to_multiple: int = 1) -> PackedBatch:
-    """Pack samples into rows, with V2PE deltas drawn per sample from (seed, global index)."""
-    from engine.data.packing import pack_samples, sample_v2pe_deltas
-
-    d = cfg.data
-    deltas = [sample_v2pe_deltas(s, cfg.train.seed, s.index, d.v2pe_random_delta, d.v2pe_delta) for s in samples]
-    return pack_samples(list(samples), d.max_packed_tokens, cfg.model.img_context_token_id, d.loss_reduction,
-                        deltas=deltas, pad_id=pad_id, pad_to_multiple=pad_to_multiple)
-
-
-def autocast_context(device: torch.device, dtype: Optional[torch.dtype]):
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+from engine.data.batch import PackedBatch
+from engine.data.packing import pack, split_contiguous
+from engine.models.layers import autocast_context
 
 
 def forward_backward(model, batches: Sequence[PackedBatch], device: torch.device,

@@ -196,33 +196,27 @@ class StepHealth:
 
 class Trainer:
     def __init__(self, cfg: Config):
+        """Set-up, in order: processes, validation, tokenizer, data, model and runner, optimizer
+        schedule, checkpoints, run health, resume. A training mode (``engine.posttrain``) changes
+        the steps through the hooks below, not this sequence."""
         t_start = time.perf_counter()
         self.cfg = cfg
         self.rank, self.world, self.local_rank = init_distributed()
         setup_logging(self.rank)
         validate_config(cfg, self.world)
+        self._validate()
         self.device = resolve_device(cfg.train.device, self.local_rank)
         self.autocast_dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.run_dir = cfg.run_dir
         seed_everything(cfg.train.seed)
 
-        from engine.data.dataset import build_step_loader
         from engine.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         sync_token_ids(cfg, self.tokenizer)
-        self.loader = leader_first(lambda: build_step_loader(cfg, self.tokenizer), self.world)
-
-        model = build_model(cfg, meta=True)
+        self.loader = leader_first(self._build_loader, self.world)
         pad_id = self.tokenizer.pad_id if self.tokenizer.pad_id is not None else 0
-        if self.world > 1:
-            from engine.parallel.runner import ParallelRunner
-
-            self.runner = ParallelRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
-        else:
-            from engine.step import LocalRunner
-
-            self.runner = LocalRunner(model, cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        self.runner = self._build_runner(self._build_model(), pad_id)
         self.loader.request = self.runner.data_request
         self.scheduler = build_scheduler(self.runner.optimizer, cfg.train)
         self.ckpt = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last,
@@ -234,10 +228,38 @@ class Trainer:
         self.eval_samples = self._eval_set() if cfg.eval.interval else []
         self._stop_signal: Optional[int] = None
         self._resume()
+        self._after_resume()
         if self.rank == 0:
             os.makedirs(self.run_dir, exist_ok=True)
-            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            self._save_configs()
         self.setup_seconds = time.perf_counter() - t_start
+
+    # ------------------------------------------------------------------ set-up hooks (a mode overrides these)
+    def _validate(self) -> None:
+        """Checks of the mode's own settings (after ``validate_config``)."""
+
+    def _build_loader(self):
+        from engine.data.loader import build_step_loader
+
+        return build_step_loader(self.cfg, self.tokenizer)
+
+    def _build_model(self) -> InternVLModel:
+        return build_model(self.cfg, meta=True)
+
+    def _build_runner(self, model, pad_id: int):
+        if self.world > 1:
+            from engine.parallel.runner import ParallelRunner
+
+            return ParallelRunner(model, self.cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        from engine.step import LocalRunner
+
+        return LocalRunner(model, self.cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+
+    def _after_resume(self) -> None:
+        """Work that needs the resumed state (the step) before training starts."""
+
+    def _save_configs(self) -> None:
+        save_config(self.cfg, os.path.join(self.run_dir, "config.yaml"))
 
     def setup_report(self) -> dict:
         """Every rank's set-up time and peak host memory so far (collective), logged by rank 0."""

@@ -10,11 +10,14 @@
 #   MASTER_PORT    rendezvous port on the first node (default 29500)
 #   TORCHRUN       torchrun executable (default: torchrun)
 #   TRAINER_MODULE the Python module torchrun runs (default: engine.train)
-#   DRY_RUN=1      print the command instead of running it
+#   PREFLIGHT=0    skip the preflight check (python -m engine.preflight, once per node before torchrun)
+#   PYTHON         the Python that runs the preflight (default: python)
+#   DRY_RUN=1      print the commands instead of running them
 # Arguments given to a script are passed on to the trainer (e.g. --set train.steps=100).
 
 ENGINE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 TORCHRUN="${TORCHRUN:-torchrun}"
+PYTHON="${PYTHON:-python}"
 TRAINER_MODULE="${TRAINER_MODULE:-engine.train}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 RESUME="${RESUME:-auto}"
@@ -55,6 +58,14 @@ trainer_args() {
     TRAINER_ARGS+=("$@")
 }
 
+# preflight_args NNODES: the preflight's command in the array PREFLIGHT_CMD (the trainer's config and
+# overrides, this layout), or an empty array with PREFLIGHT=0. Call after trainer_args.
+preflight_args() {
+    PREFLIGHT_CMD=()
+    if [[ "${PREFLIGHT:-1}" == 0 ]]; then return 0; fi
+    PREFLIGHT_CMD=("$PYTHON" -m engine.preflight "${TRAINER_ARGS[@]:2}" --nodes "$1" --gpus-per-node "$(gpus_per_node)")
+}
+
 # show_or_run CMD...: print the command (DRY_RUN=1) or run it.
 show_or_run() {
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
@@ -70,7 +81,9 @@ launch_single_node() {
     local config="$1"
     shift
     trainer_args "$config" "$@"
+    preflight_args 1
     cd "$ENGINE_DIR" || return 1
+    if ((${#PREFLIGHT_CMD[@]})); then show_or_run "${PREFLIGHT_CMD[@]}" || return 1; fi
     show_or_run "$TORCHRUN" --standalone --nnodes=1 --nproc-per-node="$(gpus_per_node)" "${TRAINER_ARGS[@]}"
 }
 
@@ -99,9 +112,12 @@ launch_slurm() {
         return 1
     fi
     trainer_args "$config" "$@"
+    preflight_args "$nnodes"
     cd "$ENGINE_DIR" || return 1
     local srun_args=(--nodes="$nnodes" --ntasks-per-node=1 --kill-on-bad-exit=1)
     if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then srun_args+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+    # every node checks itself before any GPU time is spent (exit 1 names each problem)
+    if ((${#PREFLIGHT_CMD[@]})); then show_or_run srun "${srun_args[@]}" "${PREFLIGHT_CMD[@]}" || return 1; fi
     local cmd=(srun "${srun_args[@]}"
         "$TORCHRUN" --nnodes="$nnodes" --nproc-per-node="$(gpus_per_node)"
         --rdzv-backend=c10d --rdzv-endpoint="$head:$MASTER_PORT" --rdzv-id="$SLURM_JOB_ID" --max-restarts=0

@@ -144,7 +144,7 @@ def test_round_trip_through_a_tp2_pp2_layout_gives_identical_logits(converted):
 def test_internvl_chat_source_with_fused_qkv(converted, tmp_path):
     hf, tmp, _ = converted
     model = A.load_pretrained(str(tmp / "hf"))
-    model.save_pretrained(str(tmp_path / "chat"), format="internvl_chat")
+    A.save_pretrained(model, str(tmp_path / "chat"), format="internvl_chat")
     with open(tmp_path / "chat" / "config.json") as f:
         assert json.load(f)["model_type"] == "internvl_chat"
     cfg = layout_config(model.config)

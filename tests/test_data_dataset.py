@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from engine.config import DataConfig
-from engine.data.dataset import DataError, InternVLDataset, build_step_loader
-from engine.data.loader import StepLoader
+from engine.data.dataset import DataError, InternVLDataset
+from engine.data.loader import StepLoader, build_step_loader
 from engine.data.tokenizer import load_tokenizer
 from engine.models.presets import preset_model_config
 from tools.make_synthetic_data import generate, main

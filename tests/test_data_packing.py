@@ -9,7 +9,7 @@ import torch
 
 from engine.data.batch import IGNORE_INDEX, Sample
 from engine.data.packing import first_fit, pack_samples, sample_v2pe_deltas
-from engine.models.v2pe import V2PE_DELTAS
+from engine.data.v2pe import V2PE_DELTAS
 
 CTX, START, END, PAD = 7, 5, 6, 0
 NIT = 4  # visual tokens per tile in these tests

@@ -145,7 +145,7 @@ def write_chat_checkpoint(hf, path: str, ps_version: str) -> dict:
 def test_transformers_checkpoint_logits_match(tmp_path, flavour, image_size, vit_layers, feature_layer, tie):
     hf = hf_model(flavour, image_size, vit_layers, feature_layer, tie)
     hf.save_pretrained(tmp_path)
-    model, info = InternVLModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    model, info = A.load_pretrained(str(tmp_path), output_loading_info=True)
     cfg = model.config
     assert info.format == "hf" and not info.missing and not info.unexpected
     assert cfg.vision.norm_type == ("rms_norm" if flavour == "6b" else "layer_norm")
@@ -191,7 +191,7 @@ def test_unsupported_settings_are_refused(tmp_path):
     with open(tmp_path / "config.json", "w") as f:
         json.dump({**d, "downsample_ratio": 0.25}, f)
     with pytest.raises(ConfigError, match="downsample_ratio=0.25"):
-        InternVLModel.from_pretrained(str(tmp_path))
+        A.load_pretrained(str(tmp_path))
     with pytest.raises(ConfigError, match="text_config.model_type='llama'"):
         A.hf_config_to_engine({**d, "text_config": {**d["text_config"], "model_type": "llama"}})
     with pytest.raises(ConfigError, match="vision_feature_select_strategy='full'"):
@@ -279,7 +279,7 @@ def assert_same_tensors(a: InternVLModel, b: InternVLModel) -> None:
 @pytest.mark.parametrize("preset,shard", [("tiny", None), ("tiny-6b-vit", "300KB")])
 def test_round_trip_hf_exact_and_loads_in_transformers(tmp_path, preset, shard):
     model = engine_model(preset)
-    model.save_pretrained(str(tmp_path), format="hf", max_shard_size=shard)
+    A.save_pretrained(model, str(tmp_path), format="hf", max_shard_size=shard)
     files = sorted(os.listdir(tmp_path))
     if shard:
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
@@ -289,7 +289,7 @@ def test_round_trip_hf_exact_and_loads_in_transformers(tmp_path, preset, shard):
     else:
         assert "model.safetensors" in files
 
-    back = InternVLModel.from_pretrained(str(tmp_path))
+    back = A.load_pretrained(str(tmp_path))
     assert back.config == model.config
     assert_same_tensors(model, back)
 
@@ -303,7 +303,7 @@ def test_round_trip_hf_exact_and_loads_in_transformers(tmp_path, preset, shard):
 
 def test_round_trip_chat_exact_keeps_pixel_shuffle_version(tmp_path):
     model = engine_model("tiny-6b-vit", ps_version="v1")
-    model.save_pretrained(str(tmp_path), format="internvl_chat")
+    A.save_pretrained(model, str(tmp_path), format="internvl_chat")
     with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
         names = set(f.keys())
     C = model.config.vision.hidden_size
@@ -311,21 +311,21 @@ def test_round_trip_chat_exact_keeps_pixel_shuffle_version(tmp_path):
     assert not any("q_proj" in n and n.startswith("vision") for n in names)
     with safe_open(os.path.join(tmp_path, "model.safetensors"), "pt") as f:
         assert tuple(f.get_slice("vision_model.encoder.layers.0.attn.qkv.weight").get_shape()) == (3 * C, C)
-    back = InternVLModel.from_pretrained(str(tmp_path))
+    back = A.load_pretrained(str(tmp_path))
     assert back.config == model.config and back.config.ps_version == "v1"
     assert_same_tensors(model, back)
     with pytest.raises(ConfigError, match="ps_version='v1'"):
-        model.save_pretrained(str(tmp_path / "hf"), format="hf")
+        A.save_pretrained(model, str(tmp_path / "hf"), format="hf")
 
 
 def test_export_truncates_unused_vit_layers(tmp_path):
     model = engine_model("tiny", select_layer=-2)  # 2 ViT layers in the config, 1 used
     assert len(model.vision_model.layers) == 1
-    model.save_pretrained(str(tmp_path))
+    A.save_pretrained(model, str(tmp_path))
     with open(tmp_path / "config.json") as f:
         d = json.load(f)
     assert d["vision_config"]["num_hidden_layers"] == 1 and d["vision_feature_layer"] == -1
-    back = InternVLModel.from_pretrained(str(tmp_path))
+    back = A.load_pretrained(str(tmp_path))
     assert_same_tensors(model, back)
     ids, pixels = batch(model.config.num_image_token, 112, vocab=512, ctx=model.config.img_context_token_id)
     assert torch.equal(engine_logits(model, ids, pixels), engine_logits(back, ids, pixels))
@@ -333,7 +333,7 @@ def test_export_truncates_unused_vit_layers(tmp_path):
 
 def test_dtype_overrides_and_pytorch_bin(tmp_path):
     model = engine_model("tiny")
-    model.save_pretrained(str(tmp_path))
+    A.save_pretrained(model, str(tmp_path))
     m = A.load_pretrained(str(tmp_path), dtype="bfloat16", config_overrides={"llm.rope_theta": 5e5})
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert m.config.llm.rope_theta == 5e5
@@ -344,7 +344,7 @@ def test_dtype_overrides_and_pytorch_bin(tmp_path):
     sd = load_file(os.path.join(tmp_path, "model.safetensors"))
     os.remove(os.path.join(tmp_path, "model.safetensors"))
     torch.save(sd, os.path.join(tmp_path, "pytorch_model.bin"))
-    assert_same_tensors(model, InternVLModel.from_pretrained(str(tmp_path)))
+    assert_same_tensors(model, A.load_pretrained(str(tmp_path)))
 
 
 # ----------------------------------------------------------------------------- key maps
@@ -388,7 +388,7 @@ def test_shape_mismatch_names_the_tensor_and_both_shapes(tmp_path):
     sd[name] = torch.zeros(48, 32)
     save_file(sd, os.path.join(tmp_path, "model.safetensors"))
     with pytest.raises(ValueError, match=re.escape(name) + r".*\(48, 32\).*\(64, 32\)"):
-        InternVLModel.from_pretrained(str(tmp_path))
+        A.load_pretrained(str(tmp_path))
 
 
 def test_missing_and_unexpected_tensors_are_named(tmp_path):
@@ -397,7 +397,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path):
     sd["vision_tower.encoder.layer.0.attention.extra.weight"] = torch.zeros(2)
     save_file(sd, os.path.join(tmp_path, "model.safetensors"))
     with pytest.raises(KeyError) as err:
-        InternVLModel.from_pretrained(str(tmp_path))
+        A.load_pretrained(str(tmp_path))
     msg = str(err.value)
     assert "vision_tower.encoder.layer.0.lambda_1" in msg and "vision_model.layers.0.ls1" in msg
     assert "vision_tower.encoder.layer.0.attention.extra.weight" in msg

@@ -33,6 +33,7 @@ fi
 """.replace("HOSTS", " ".join(HOSTS))
 FAKE_SRUN = """#!/bin/bash
 echo "srun $*" >> "$FAKE_LOG"
+if [[ "$*" == *engine.preflight* ]]; then exit "${FAKE_PREFLIGHT_EXIT:-0}"; fi
 echo "signals=$TORCHELASTIC_SIGNALS_TO_HANDLE timeout=$TORCH_ELASTIC_SHUTDOWN_TIMEOUT" >> "$FAKE_LOG"
 trap 'echo "srun: SIGUSR1 forwarded" >> "$FAKE_LOG"; exit 7' USR1
 if [[ -n "${FAKE_SRUN_WAIT:-}" ]]; then
@@ -113,8 +114,12 @@ def test_slurm_dry_run(script, config, fake_slurm, tmp_path):
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == 1
-    cmd = shlex.split(lines[0])
+    assert len(lines) == 2
+    check, cmd = shlex.split(lines[0]), shlex.split(lines[1])
+    # first every node runs the preflight with the trainer's config and overrides and this layout
+    p = check.index("engine.preflight")
+    assert check[0] == "srun" and {"--nodes=3", "--ntasks-per-node=1"} <= set(check[:p])
+    assert check[p - 1] == "-m" and check[p + 1:] == cmd[cmd.index("-m") + 2:] + ["--nodes", "3", "--gpus-per-node", "8"]
     assert cmd[0] == "srun"
     assert {"--nodes=3", "--ntasks-per-node=1", "--kill-on-bad-exit=1", "--cpus-per-task=96"} <= set(cmd)
     t = cmd.index("torchrun")
@@ -149,7 +154,9 @@ def test_single_node_dry_run(script, config, tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "examples", script), "--set", "train.steps=7"],
                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    cmd = shlex.split(out.stdout.strip())
+    check, cmd = (shlex.split(line) for line in out.stdout.strip().splitlines())
+    assert check[:3] == ["python", "-m", "engine.preflight"]
+    assert check[3:] == cmd[cmd.index("-m") + 2:] + ["--nodes", "1", "--gpus-per-node", "8"]
     assert cmd[0] == "torchrun"
     assert {"--standalone", "--nnodes=1", "--nproc-per-node=8"} <= set(cmd[:cmd.index("-m")])
     _check_trainer_args(_trainer_argv(cmd), config, str(tmp_path / "run"), "/data/meta.json",
@@ -172,7 +179,7 @@ def test_trainer_module_variable(tmp_path):
     out = subprocess.run(["bash", os.path.join(ROOT, "examples", "sft_8b.sh")], cwd=str(tmp_path), env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    cmd = shlex.split(out.stdout)
+    cmd = shlex.split(out.stdout.strip().splitlines()[-1])
     assert cmd[cmd.index("-m") + 1] == "engine.posttrain.train" and "--nproc-per-node=4" in cmd
 
 
@@ -217,3 +224,21 @@ def test_failure_is_not_requeued(fake_slurm, tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 5
     assert "scontrol requeue" not in log.read_text()
+
+
+def test_a_failed_preflight_stops_the_launch(fake_slurm, tmp_path):
+    env, log = fake_slurm
+    env.update(FAKE_PREFLIGHT_EXIT="1", RUN_DIR=str(tmp_path / "run"))
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_78b.sh")], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=60)
+    calls = log.read_text()
+    assert out.returncode != 0 and "engine.preflight" in calls and "torchrun" not in calls
+
+
+def test_preflight_can_be_skipped(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(DRY_RUN="1", GPUS_PER_NODE="8", PREFLIGHT="0")
+    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "pretrain_8b.sh")], cwd=str(tmp_path), env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "engine.preflight" not in out.stdout
+    assert shlex.split(out.stdout)[0] == "torchrun"

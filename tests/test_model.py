@@ -9,7 +9,7 @@ from engine.models.layers import apply_rotary_reference, rotary_angles
 from engine.models.loss import loss_weights, token_weight
 from engine.models.presets import preset_model_config
 from engine.models.projector import pixel_shuffle_reference
-from engine.models.v2pe import V2PE_DELTAS, v2pe_position_ids, v2pe_positions_1d
+from engine.data.v2pe import V2PE_DELTAS, v2pe_position_ids, v2pe_positions_1d
 
 CTX = 7
 

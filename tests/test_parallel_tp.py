@@ -19,7 +19,7 @@ from engine.config import ConfigError, config_from_dict
 from engine.data.batch import IGNORE_INDEX, PackedBatch
 from engine.models.internvl import InternVLModel
 from engine.models.loss import loss_weights
-from engine.models.v2pe import v2pe_positions_1d
+from engine.data.v2pe import v2pe_positions_1d
 
 # name -> (preset, model overrides, parallel section[, activation checkpointing])
 LAYOUTS_2 = {

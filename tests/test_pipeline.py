@@ -205,7 +205,8 @@ def _zero1(rank: int, world: int) -> dict:
     state_dict round trip in the middle."""
     from engine.config import TrainConfig
     from engine.optim import build_optimizer
-    from engine.parallel.data_parallel import GradReducer, build_zero_optimizer, clip_grad_norm
+    from engine.optim import clip_grad_norm
+    from engine.parallel.data_parallel import GradReducer, build_zero_optimizer
 
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1, beta1=0.9, beta2=0.99, eps=1e-8)
     ref, par = _toy_model(), _toy_model()
@@ -225,7 +226,7 @@ def _zero1(rank: int, world: int) -> dict:
         _toy_loss(par, xs[rank]).backward()
         reducer.reduce()
         want = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5).item()
-        got = clip_grad_norm(list(par.parameters()), list(par.parameters()) if rank == 0 else [], 0.5, dist.group.WORLD)
+        got = clip_grad_norm(list(par.parameters()), 0.5, list(par.parameters()) if rank == 0 else [], dist.group.WORLD)
         out["norm_rel"] = max(out["norm_rel"], abs(got - want) / want)
         ref_opt.step()
         opt.step()

@@ -145,11 +145,12 @@ def test_best_of_n_tool(runs, prm_data, synthetic_data, tmp_path):
     assert report["oracle_accuracy"] >= report["best_of_n_accuracy"]
 
     # the PRM exported as a transformers directory scores exactly like its engine run
+    from engine.models.hf_adapter import save_pretrained
     from engine.posttrain.checkpoints import load_model
 
     prm, _ = load_model(runs["prm"])
     hf = str(tmp_path / "prm_hf")
-    prm.save_pretrained(hf)
+    save_pretrained(prm, hf)
     again = tmp_path / "again.json"
     assert main(args[:2] + ["--prm", hf, "--prm-config", os.path.join(runs["prm"], "config.yaml")] + args[4:-1]
                 + [str(again)]) == 0

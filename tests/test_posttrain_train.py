@@ -125,3 +125,24 @@ def test_bad_posttrain_config_fails_before_training(synthetic_data, tmp_path):
     proc = _cli("examples/configs/mpo_tiny.yaml", {"posttrain.mpo.pref_weight": -1, "posttrain.init": ""})
     assert proc.returncode == 2 and "posttrain.mpo.pref_weight=-1" in proc.stderr
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("mode", ["sft", "mpo", "prm"])
+def test_async_save_in_every_mode(synthetic_data, tmp_path, mode):
+    """``train.async_save`` is the trainer's, whatever the mode: checkpoints written in the background
+    are complete and ``latest`` names the last one."""
+    from engine.checkpoint import CheckpointReader
+
+    run = str(tmp_path / mode)
+    opts = {"train.steps": 4, "train.global_batch": 4, "train.warmup_steps": 1, "train.save_interval": 2,
+            "train.async_save": "true", "run.dir": run, "data.tokenizer": f"{synthetic_data}/tokenizer.model"}
+    if mode == "mpo":
+        trainer = _run("examples/configs/mpo_tiny.yaml", _mpo(synthetic_data, f"{synthetic_data}/preference_meta.json",
+                                                              run, **opts))
+    else:
+        meta = f"{synthetic_data}/prm/{mode}_meta.json"
+        trainer = _run("examples/configs/prm_tiny.yaml", {**opts, "posttrain.mode": mode, "data.meta_path": meta})
+    assert trainer.ckpt.async_save
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3, 4]
+    assert trainer.ckpt.published()[-2:] == ["step_00000002", "step_00000004"]
+    assert CheckpointReader(trainer.ckpt.latest()).meta["step"] == 4

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from engine.config import ConfigError, apply_override, config_from_dict
+from engine.models.hf_adapter import save_pretrained
 from engine.models.internvl import InternVLModel
 from engine.parallel.tensor_parallel import shard_tensor
 
@@ -141,7 +142,7 @@ def hf_checkpoint(tmp_path_factory):
     torch.manual_seed(11)
     model = InternVLModel(make_cfg("tiny-6b-vit", []).model)
     path = str(tmp_path_factory.mktemp("hf") / "model")
-    model.to(torch.bfloat16).save_pretrained(path)
+    save_pretrained(model.to(torch.bfloat16), path)
     return path, {k: v.float() for k, v in model.state_dict().items()}
 
 

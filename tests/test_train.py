@@ -127,13 +127,14 @@ def test_bad_config_fails_before_training(tmp_path):
 
 def test_init_from_transformers_checkpoint(tmp_path):
     from engine.config import ConfigError
+    from engine.models.hf_adapter import save_pretrained
     from engine.models.internvl import InternVLModel
     from engine.models.presets import preset_model_config
     from engine.trainer import build_model
 
     torch.manual_seed(3)
     src = InternVLModel(preset_model_config("tiny"))
-    src.save_pretrained(str(tmp_path / "hf"))
+    save_pretrained(src, str(tmp_path / "hf"))
     cfg = load_config(os.path.join(ROOT, "examples/configs/tiny.yaml"), [f"train.init_from={tmp_path / 'hf'}"])
     model = build_model(cfg)
     for k, v in src.state_dict().items():

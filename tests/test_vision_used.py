@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from conftest import tiny_overrides
 from engine.config import load_config
 from engine.data.batch import IGNORE_INDEX
-from engine.step import pack
+from engine.data.packing import pack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 40), "blue": (30, 60, 220),

@@ -117,7 +117,7 @@ def llm_rows(max_tokens: int, min_len: int = 16) -> list[list[int]]:
 def time_llm(model, cfg, device: torch.device, autocast, measure, max_tokens: int) -> list[tuple[list[int], float]]:
     """``(sample lengths, seconds)`` of the loss forward and backward on one packed row."""
     from engine.data.batch import Sample
-    from engine.step import pack
+    from engine.data.packing import pack
 
     m = cfg.model
     special = min(m.img_start_token_id, m.img_end_token_id, m.img_context_token_id)
@@ -171,7 +171,7 @@ def _relative_errors(points: list[tuple], predict: Callable) -> list[float]:
 
 
 def calibrate(args: argparse.Namespace) -> CostModel:
-    from engine.step import autocast_context
+    from engine.models.layers import autocast_context
     from engine.trainer import build_model, resolve_device, resolve_dtype
 
     if args.repeats < 1 or args.max_tiles < 1 or args.max_tokens < 0:

@@ -8,12 +8,27 @@ a row forms its own segment), so attention never crosses samples.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def token_weight(num_targets: int, mode: str) -> float:
+    """Loss weight of each supervised token of a sample with ``num_targets`` of them: ``token`` 1,
+    ``sample`` 1/n, ``square`` 1/sqrt(n) (InternVL3's square averaging)."""
+    if num_targets <= 0:
+        return 0.0
+    if mode == "token":
+        return 1.0
+    if mode == "sample":
+        return 1.0 / num_targets
+    if mode == "square":
+        return 1.0 / math.sqrt(num_targets)
+    raise ValueError(f"loss reduction {mode!r} must be token, sample or square")
 
 
 @dataclass

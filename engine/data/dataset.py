@@ -234,7 +234,7 @@ class InternVLDataset:
         self._perm_lock = threading.Lock()
         self._perms: dict[tuple[int, int], np.ndarray] = {}
         self.allocate = functools.partial(np.empty, dtype=np.float32)  # where pixels are made (shape -> array)
-        self.tables = self._shape_tables(int(getattr(data, "index_workers", 0)), getattr(data, "index_dir", ""))
+        self.tables = self._shape_tables(int(data.index_workers), data.index_dir)
         self.mean_tokens = (0.0, 0.0)  # (multimodal, text) estimates
         self.text_share = self._choose_text_share(float(data.lm_ratio), ratio_probe)
         self._share_num = int(round(self.text_share * _SHARE_DEN))
@@ -556,14 +556,3 @@ def _no_augment(p: ImageProcessor) -> ImageProcessor:
 def build_dataset(cfg: Any, tokenizer: Optional[Tokenizer] = None) -> InternVLDataset:
     """``InternVLDataset(cfg.data, cfg.model, cfg.train.seed)`` for a full ``Config``."""
     return InternVLDataset(cfg.data, cfg.model, cfg.train.seed, tokenizer)
-
-
-def build_step_loader(cfg: Any, tokenizer: Optional[Tokenizer] = None):
-    """``StepLoader`` over ``build_dataset(cfg)`` with ``cfg.train.global_batch`` samples per step;
-    ``data.num_workers`` > 0 loads in that many worker processes, prefetching the next step unless
-    ``data.prefetch`` is false."""
-    from engine.data.loader import StepLoader
-
-    workers = int(getattr(cfg.data, "num_workers", 0))
-    return StepLoader(build_dataset(cfg, tokenizer), cfg.train.global_batch, num_workers=workers,
-                      prefetch=workers > 0 and bool(getattr(cfg.data, "prefetch", True)))

@@ -29,7 +29,8 @@ import torch
 
 from engine.data import shm
 from engine.data.batch import Sample
-from engine.data.dataset import LoadResult
+from engine.data.dataset import LoadResult, build_dataset
+from engine.data.tokenizer import Tokenizer
 
 log = logging.getLogger("engine.data")
 
@@ -376,3 +377,12 @@ class StepLoader:
             self.close()
         except Exception:
             pass
+
+
+def build_step_loader(cfg: Any, tokenizer: Optional[Tokenizer] = None) -> StepLoader:
+    """``StepLoader`` over ``build_dataset(cfg)`` with ``cfg.train.global_batch`` samples per step;
+    ``data.num_workers`` > 0 loads in that many worker processes, prefetching the next step unless
+    ``data.prefetch`` is false."""
+    workers = int(cfg.data.num_workers)
+    return StepLoader(build_dataset(cfg, tokenizer), cfg.train.global_batch, num_workers=workers,
+                      prefetch=workers > 0 and cfg.data.prefetch)

@@ -8,14 +8,13 @@ Images follow the order of their ``<IMG_CONTEXT>`` runs in the flattened batch.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from engine.data.batch import IGNORE_INDEX, PackedBatch, Sample
+from engine.data.batch import IGNORE_INDEX, PackedBatch, Sample, token_weight
 from engine.data.seeding import sample_generator
-from engine.models.loss import token_weight
-from engine.models.v2pe import sample_deltas, v2pe_positions_1d
+from engine.data.v2pe import sample_deltas, v2pe_positions_1d
 
 
 def sample_v2pe_deltas(sample: Sample, seed: int, index: int, random: bool, fixed: float = 1.0) -> list[float]:
@@ -141,3 +140,22 @@ def pack_samples(samples: Sequence[Sample], max_packed_tokens: int, img_context_
         pixel_values=torch.cat(pixels) if pixels else None,
         image_tiles=torch.tensor(image_tiles, dtype=torch.int64) if image_tiles else None,
         num_samples=len(samples), text_tokens=text, visual_tokens=visual)
+
+
+def split_contiguous(items: Sequence, parts: int) -> list[list]:
+    """Split into ``parts`` contiguous chunks whose sizes differ by at most one."""
+    n = len(items)
+    out, start = [], 0
+    for i in range(parts):
+        size = n // parts + (1 if i < n % parts else 0)
+        out.append(list(items[start:start + size]))
+        start += size
+    return out
+
+
+def pack(samples: Sequence[Sample], cfg: Any, pad_id: int = 0, pad_to_multiple: int = 1) -> PackedBatch:
+    """Pack samples into rows, with V2PE deltas drawn per sample from (seed, global index)."""
+    d = cfg.data
+    deltas = [sample_v2pe_deltas(s, cfg.train.seed, s.index, d.v2pe_random_delta, d.v2pe_delta) for s in samples]
+    return pack_samples(list(samples), d.max_packed_tokens, cfg.model.img_context_token_id, d.loss_reduction,
+                        deltas=deltas, pad_id=pad_id, pad_to_multiple=pad_to_multiple)

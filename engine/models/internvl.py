@@ -17,7 +17,7 @@ from engine.models.attention import block_mask
 from engine.models.llm import QwenLM, SequenceContext
 from engine.models.loss import weighted_cross_entropy_sum
 from engine.models.projector import Projector, pixel_shuffle_reference
-from engine.models.v2pe import v2pe_position_ids
+from engine.data.v2pe import v2pe_position_ids
 from engine.models.vit import InternViT
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -56,19 +56,6 @@ class InternVLModel(nn.Module):
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.vision_model.activation_checkpointing = enabled
         self.language_model.activation_checkpointing = enabled
-
-    @classmethod
-    def from_pretrained(cls, path: str, **kwargs) -> "InternVLModel":
-        """Load a transformers ``internvl`` or remote-code ``internvl_chat`` directory."""
-        from engine.models.hf_adapter import load_pretrained
-
-        return load_pretrained(path, **kwargs)
-
-    def save_pretrained(self, path: str, format: str = "hf", **kwargs) -> None:
-        """Write a transformers-native ``internvl`` directory (config.json + safetensors)."""
-        from engine.models.hf_adapter import save_pretrained
-
-        save_pretrained(self, path, format=format, **kwargs)
 
     # ------------------------------------------------------------------ the three stages
     def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,9 @@ import torch
 from engine.config import ConfigError, KernelsConfig
 
 
-def use_triton(mode: str, key: str) -> bool:
+def triton_chosen(mode: str, key: str) -> bool:
+    """Whether config ``kernels.<key>=mode`` installs the Triton kernel (per model, at build time;
+    ``kernels._dispatch.use_triton`` decides per call whether a kernel can run on given tensors)."""
     on_gpu = torch.cuda.is_available()
     if mode == "reference":
         return False
@@ -30,17 +32,17 @@ def configure_kernels(model, cfg: KernelsConfig) -> None:
     the model's own PyTorch code)."""
     import functools
 
-    if use_triton(cfg.rotary, "rotary"):
+    if triton_chosen(cfg.rotary, "rotary"):
         import kernels
 
         rotary = functools.partial(kernels.v2pe_rotary, mode=cfg.rotary)
         for layer in model.language_model.layers:
             layer.self_attn.rotary = rotary
-    if use_triton(cfg.pixel_shuffle, "pixel_shuffle"):
+    if triton_chosen(cfg.pixel_shuffle, "pixel_shuffle"):
         import kernels
 
         model.pixel_shuffle = functools.partial(kernels.pixel_shuffle, mode=cfg.pixel_shuffle)
-    if use_triton(cfg.loss, "loss"):
+    if triton_chosen(cfg.loss, "loss"):
         import kernels
 
         vocab = model.config.llm.vocab_size

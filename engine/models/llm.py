@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -86,9 +86,12 @@ class QwenLM(nn.Module):
         self.lm_head: Optional[nn.Module] = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.activation_checkpointing = False
 
-    def forward_layers(self, h: torch.Tensor, ctx: SequenceContext) -> torch.Tensor:
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training:
+    def forward_layers(self, h: torch.Tensor, ctx: SequenceContext, indices: Optional[Iterable[int]] = None) -> torch.Tensor:
+        """Decoder layers ``indices`` (default: all, in order), each recomputed in backward when
+        activation checkpointing is on (training, with gradients)."""
+        for i in range(len(self.layers)) if indices is None else indices:
+            layer = self.layers[i]
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, ctx, use_reentrant=False)
             else:
                 h = layer(h, ctx)

@@ -7,24 +7,11 @@ data-parallel ranks so the loss does not depend on how samples were split.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 
-from engine.data.batch import IGNORE_INDEX
-
-
-def token_weight(num_targets: int, mode: str) -> float:
-    if num_targets <= 0:
-        return 0.0
-    if mode == "token":
-        return 1.0
-    if mode == "sample":
-        return 1.0 / num_targets
-    if mode == "square":
-        return 1.0 / math.sqrt(num_targets)
-    raise ValueError(f"loss reduction {mode!r} must be token, sample or square")
+from engine.data.batch import IGNORE_INDEX, token_weight
 
 
 def loss_weights(targets: torch.Tensor, cu_seqlens: torch.Tensor, mode: str) -> torch.Tensor:

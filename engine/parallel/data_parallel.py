@@ -75,30 +75,6 @@ class GradReducer:
                 offset += n
 
 
-# ----------------------------------------------------------------------------- global norm
-
-
-def clip_grad_norm(local: Sequence[torch.nn.Parameter], counted: Sequence[torch.nn.Parameter], max_norm: float,
-                   group: Group = None) -> float:
-    """L2 norm of all gradients over ``group`` (None: the default group, i.e. the world), before
-    clipping; clips ``local`` when ``max_norm > 0``. ``counted`` are this rank's parameters whose
-    elements no other rank counts (so each unique element enters the sum once)."""
-    device = next((p.grad.device for p in local if p.grad is not None), torch.device("cpu"))
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for p in counted:
-        if p.grad is not None:
-            sq += torch.linalg.vector_norm(p.grad.detach().double()) ** 2
-    if dist.is_initialized():
-        dist.all_reduce(sq, group=group)
-    total = float(sq.sqrt())
-    if max_norm > 0:
-        scale = min(max_norm / (total + 1e-6), 1.0)
-        for p in local:
-            if p.grad is not None:
-                p.grad.mul_(scale)
-    return total
-
-
 # ----------------------------------------------------------------------------- ZeRO-1
 
 

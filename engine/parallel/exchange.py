@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from engine.parallel.topology import Topology
-from engine.step import split_contiguous
+from engine.data.packing import split_contiguous
 
 
 @dataclass

@@ -69,9 +69,10 @@ def pipeline_ranges(cfg: Config) -> list[list[range]]:
     """``[pp rank][chunk]`` LLM layer ranges."""
     L = cfg.parallel.llm
     try:
-        return rank_layers(cfg.model.llm.num_layers, L.pp, L.vpp, getattr(L, "layers_per_stage", None) or None)
+        return rank_layers(cfg.model.llm.num_layers, L.pp, L.vpp)
     except ValueError as e:
-        raise ConfigError(f"parallel.llm.layers_per_stage / pp={L.pp} x vpp={L.vpp}: {e}") from None
+        raise ConfigError(f"parallel.llm.pp={L.pp} x vpp={L.vpp} for model.llm.num_layers="
+                          f"{cfg.model.llm.num_layers}: {e}") from None
 
 
 class ParallelPlan:

@@ -38,7 +38,6 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.utils.checkpoint import checkpoint
 
 from engine.balance.cost import CostModel
 from engine.balance.layout import Layout
@@ -50,7 +49,8 @@ from engine.data.batch import Sample
 from engine.data.loader import StepBatch
 from engine.data.packing import first_fit
 from engine.models.llm import QwenLM
-from engine.parallel.data_parallel import GradReducer, build_zero_optimizer, clip_grad_norm
+from engine.optim import clip_grad_norm
+from engine.parallel.data_parallel import GradReducer, build_zero_optimizer
 from engine.parallel.data_share import load_share, place_step, rank_share
 from engine.parallel.exchange import ExchangePlan, VisualExchange
 from engine.parallel.materialize import is_meta, materialize_for
@@ -62,7 +62,8 @@ from engine.parallel.tensor_parallel import shard_info
 from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
 from engine.watchdog import Watchdog
-from engine.step import autocast_context, pack
+from engine.data.packing import pack
+from engine.models.layers import autocast_context
 
 log = logging.getLogger("engine.balance")
 
@@ -92,12 +93,7 @@ class LLMStages:
         mb, vs = self.mbs[microbatch], chunk * self.pp + self.rank
         with self.autocast():
             h = embed_tokens(self.lm, self.layout, mb.tokens, mb.image_embeds) if vs == 0 else x
-            for i in self.ranges[chunk]:
-                layer = self.lm.layers[i]
-                if self.lm.activation_checkpointing and self.lm.training:
-                    h = checkpoint(layer, h, mb.tokens.context, use_reentrant=False)
-                else:
-                    h = layer(h, mb.tokens.context)
+            h = self.lm.forward_layers(h, mb.tokens.context, self.ranges[chunk])
             if vs < self.pp * len(self.ranges) - 1:
                 return h
             ce, _ = loss_terms(self.lm, self.layout, h, mb.tokens)
@@ -372,7 +368,7 @@ class ParallelRunner:
     def clip_grad_norm(self, max_norm: float) -> float:
         local = [p for _, params in self.grids for p in params]
         counted = [p for grid, params in self.grids for p in params if counted_once(p, grid)]
-        return clip_grad_norm(local, counted, max_norm)
+        return clip_grad_norm(local, max_norm, counted)
 
     def state_dict(self) -> dict:
         """This rank's shards of the model and of the optimizer."""

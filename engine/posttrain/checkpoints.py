@@ -17,6 +17,7 @@ import torch
 
 from engine.checkpoint import CheckpointError, CheckpointManager, read_full_model
 from engine.config import Config, load_config
+from engine.models.hf_adapter import load_pretrained
 from engine.models.internvl import InternVLModel
 
 
@@ -47,7 +48,7 @@ def describe(path: str) -> str:
 def load_model(path: str, device: str | torch.device = "cpu") -> tuple[InternVLModel, Optional[Config]]:
     """(model in eval mode, the run's Config when there is one)."""
     if describe(path) == "transformers":
-        return InternVLModel.from_pretrained(path).to(device).eval(), None
+        return load_pretrained(path).to(device).eval(), None
     ckpt, run = _engine_dirs(path)
     state, model_cfg = read_full_model(ckpt)
     config = os.path.join(run, "config.yaml")
@@ -72,7 +73,7 @@ def _load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: 
 def load_weights(model: InternVLModel, path: str) -> None:
     """Copy the weights at ``path`` into ``model`` (same architecture, strict)."""
     if describe(path) == "transformers":
-        state = InternVLModel.from_pretrained(path).state_dict()
+        state = load_pretrained(path).state_dict()
     else:
         state, _ = read_full_model(_engine_dirs(path)[0])
     _load_strict(model, state, path)

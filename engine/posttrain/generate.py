@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from engine.models.v2pe import v2pe_positions_1d
+from engine.data.v2pe import v2pe_positions_1d
 
 
 @dataclass

@@ -19,9 +19,9 @@ from engine.config import Config
 from engine.data.batch import PackedBatch, Sample
 from engine.data.packing import first_fit
 from engine.models.attention import segment_ids
-from engine.models.loss import token_weight
+from engine.data.batch import token_weight
 from engine.posttrain.preference import PreferencePair
-from engine.step import pack
+from engine.data.packing import pack
 
 
 @dataclass

@@ -31,7 +31,9 @@ from engine.posttrain.losses import STAT_KEYS, RewardShift, mpo_loss, summarize
 from engine.posttrain.pairs import PairMicrobatch, lm_weight_total, pack_pairs, pair_pixels
 from engine.posttrain.preference import PreferencePair
 from engine.posttrain.reference import ReferenceStore
-from engine.step import LocalRunner, autocast_context, split_contiguous
+from engine.data.packing import split_contiguous
+from engine.models.layers import autocast_context
+from engine.step import LocalRunner
 
 COUNT_KEYS = ("text_tokens", "visual_tokens", "vit_tiles")
 
@@ -210,17 +212,10 @@ class MPOParallelRunner(_MPOSteps, ParallelRunner):
     def stage_forward(self, model, layout, chunk: int, mb: Microbatch, x: Optional[torch.Tensor]):
         """(activation, is last virtual stage) of ``chunk`` on this rank."""
         from engine.parallel.parallelize import embed_tokens
-        from torch.utils.checkpoint import checkpoint
-
         lm, P = model.language_model, self.cfg.parallel.llm.pp
         vs = chunk * P + self.pp_rank
         h = embed_tokens(lm, layout, mb.tokens, mb.image_embeds) if vs == 0 else x
-        for i in self.ranges[chunk]:
-            layer = lm.layers[i]
-            if lm.activation_checkpointing and lm.training and torch.is_grad_enabled():
-                h = checkpoint(layer, h, mb.tokens.context, use_reentrant=False)
-            else:
-                h = layer(h, mb.tokens.context)
+        h = lm.forward_layers(h, mb.tokens.context, self.ranges[chunk])
         return h, vs == P * len(self.ranges) - 1
 
     def stage_head(self, model, layout, h: torch.Tensor, mb: Microbatch, packed: PairMicrobatch):
