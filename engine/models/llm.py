@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import LLMConfig
+from engine.models.attention import DocumentMask
 from engine.models.layers import RMSNorm, apply_rotary_reference
 from engine.models.vit import CoreAttention
 
@@ -23,7 +24,7 @@ class SequenceContext:
 
     positions: torch.Tensor  # [B, S] float32
     cu_seqlens: Optional[torch.Tensor]  # [segments+1] over the flattened B*S tokens
-    mask: Optional[torch.Tensor] = None  # precomputed attention mask (SDPA backend)
+    mask: Optional[DocumentMask] = None  # the microbatch's attention mask, built once (attention.block_mask)
 
 
 class Attention(nn.Module):
