@@ -120,6 +120,16 @@ class _VocabParallelWeightedCE(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
+def vocab_parallel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, valid: torch.Tensor, vocab_start: int,
+                                 valid_local: int, tp_group: dist.ProcessGroup) -> torch.Tensor:
+    """Per-token cross entropy ``[T]`` (0 where not ``valid``) of logits split over ``tp_group`` along the
+    vocabulary: this rank holds columns ``vocab_start ..`` of which the first ``valid_local`` are real
+    (the rest padding). Max, sum of exponentials and target logit are reduced over the group; every rank
+    gets the same values. The engine's one implementation (the fused loss's reference and the
+    vocab-parallel log-probs use it)."""
+    return _VocabParallelWeightedCE.apply(logits, labels, valid, vocab_start, valid_local, tp_group)
+
+
 def weighted_linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
                                       token_weights: torch.Tensor, ignore_index: int = -100,
                                       tp_group: Optional[dist.ProcessGroup] = None, chunk_size: Optional[int] = None,
@@ -144,5 +154,5 @@ def weighted_linear_cross_entropy_ref(hidden: torch.Tensor, lm_head_weight: torc
             logits = logits.masked_fill(pad, -math.inf)
         ce = F.cross_entropy(logits, labels.long(), reduction="none", ignore_index=ignore_index)
     else:
-        ce = _VocabParallelWeightedCE.apply(logits, labels.long(), valid, vocab_start, valid_local, tp_group)
+        ce = vocab_parallel_cross_entropy(logits, labels.long(), valid, vocab_start, valid_local, tp_group)
     return (w * ce).sum(), w.sum()

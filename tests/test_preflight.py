@@ -229,7 +229,8 @@ def test_several_problems_in_one_run(synthetic_data, tmp_path):
 def test_posttrain_config_checks_its_own_data(synthetic_data, tmp_path, capsys):
     """An MPO config (with its posttrain: section) loads, and its pairs (posttrain.data) are what is checked."""
     base = ["--config", "examples/configs/mpo_tiny.yaml", "--set", f"data.tokenizer={synthetic_data}/tokenizer.model",
-            "--set", "posttrain.init=", "--set", f"run.dir={tmp_path / 'run'}"]
+            "--set", f"data.text_corpus={synthetic_data}/text.jsonl", "--set", "posttrain.init=",
+            "--set", f"run.dir={tmp_path / 'run'}"]
     code, report = preflight(base + ["--set", f"posttrain.data={synthetic_data}/preference_meta.json"], capsys)
     assert code == 0 and report["ok"], report["problems"]
     code, report = preflight(base + ["--set", f"posttrain.data={tmp_path / 'missing.json'}"], capsys)

@@ -129,7 +129,7 @@ def parallelize_llm(lm: QwenLM, grid: Grid, cfg: Config, plan: Optional[Parallel
             head_info = info("lm_head.weight")
             lm.lm_head = ColumnParallelLinear(lm.lm_head, head_info, tpg)
             start = head_info.local_range(grid.local_rank("tp"), tp)[0]
-            loss_fn = VocabParallelLoss(start, c.vocab_size, tpg)
+            loss_fn = VocabParallelLoss(start, c.vocab_size, tpg, mode=cfg.kernels.loss)
     _tag_rest(lm, "language_model", plan)
     return lm, LLMLayout(grid, sp, loss_fn, cfg.model.img_context_token_id)
 

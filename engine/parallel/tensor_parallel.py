@@ -202,61 +202,34 @@ class VocabParallelEmbedding(nn.Module):
         return reduce_from_region(self.partial(ids), self.group)
 
 
-class _VocabParallelCE(torch.autograd.Function):
-    """Cross entropy of logits split over tp along the vocabulary: the max, the sum of
-    exponentials and the target logit are reduced over tp; columns at or beyond ``vocab_size``
-    (padding) are masked out."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, vocab_start, vocab_size, group):
-        logits = logits.float().clone()
-        n_local = logits.shape[-1]
-        n_real = max(0, min(n_local, vocab_size - vocab_start))
-        logits[:, n_real:] = float("-inf")
-        lmax = logits.max(-1).values
-        torch.distributed.all_reduce(lmax, op=torch.distributed.ReduceOp.MAX, group=group)
-        logits -= lmax.unsqueeze(-1)
-        exp = logits.exp()
-        sum_exp = all_reduce_sum(exp.sum(-1), group)
-        local_t = targets - vocab_start
-        owned = (local_t >= 0) & (local_t < n_local)
-        local_t = local_t.clamp(0, n_local - 1)
-        target_logit = logits.gather(1, local_t.unsqueeze(1)).squeeze(1) * owned
-        target_logit = all_reduce_sum(target_logit, group)
-        exp /= sum_exp.unsqueeze(-1)
-        ctx.save_for_backward(exp, local_t, owned)
-        return sum_exp.log() - target_logit
-
-    @staticmethod
-    def backward(ctx, g):
-        softmax, local_t, owned = ctx.saved_tensors
-        grad = softmax
-        rows = torch.arange(grad.shape[0], device=grad.device)
-        grad[rows, local_t] -= owned.to(grad.dtype)
-        return grad * g.unsqueeze(-1), None, None, None, None
-
-
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_start: int,
                                  vocab_size: int, group: Group) -> torch.Tensor:
-    """Per-token cross entropy ``[T]`` from this rank's logits ``[T, V_local]``; every tp rank
-    gets the same values."""
-    return _VocabParallelCE.apply(logits, targets, vocab_start, vocab_size, group)
+    """Per-token cross entropy ``[T]`` from this rank's logits ``[T, V_local]`` (targets in the
+    vocabulary); every tp rank gets the same values (``kernels.reference.vocab_parallel_cross_entropy``)."""
+    from kernels.reference import vocab_parallel_cross_entropy as ce
+
+    n_real = max(0, min(logits.shape[-1], vocab_size - vocab_start))
+    return ce(logits, targets, torch.ones_like(targets, dtype=torch.bool), vocab_start, n_real, group)
 
 
 class VocabParallelLoss:
     """Drop-in for ``InternVLModel.loss_fn`` with a vocab-parallel LM head:
-    ``(hidden [T, H], lm_head_weight [V_local, H], targets [T], weights [T]) -> (sum(w*ce), sum(w))``.
-    ``hidden`` must hold the same tokens on every tp rank (inside the tp region)."""
+    ``(hidden [T, H], lm_head_weight [V_local, H], targets [T], weights [T]) -> (sum(w*ce), sum(w))``,
+    the fused LM head + weighted cross entropy of ``kernels`` with the tp group (``mode``: the
+    ``kernels.loss`` setting: the Triton kernel on GPU, its reference on CPU). ``hidden`` must hold
+    the same tokens on every tp rank (inside the tp region)."""
 
-    def __init__(self, vocab_start: int, vocab_size: int, group: Group):
-        self.vocab_start, self.vocab_size, self.group = vocab_start, vocab_size, group
+    def __init__(self, vocab_start: int, vocab_size: int, group: Group, mode: str = "auto"):
+        self.vocab_start, self.vocab_size, self.group, self.mode = vocab_start, vocab_size, group, mode
 
     def __call__(self, hidden, weight, targets, weights):
-        logits = F.linear(hidden, weight)
+        import kernels
+
         t = targets.reshape(-1)
         bad = (t != IGNORE_INDEX) & ((t < 0) | (t >= self.vocab_size))
         if bool(bad.any()):
             raise ValueError(f"target id {t[bad][0].item()} outside the vocabulary of {self.vocab_size}")
-        w = weights.reshape(-1).float() * (t != IGNORE_INDEX)
-        ce = vocab_parallel_cross_entropy(logits, t.clamp(min=0), self.vocab_start, self.vocab_size, self.group)
-        return (w * ce).sum(), w.sum()
+        if weight.dtype != hidden.dtype:  # under autocast, as F.linear would
+            weight = weight.to(hidden.dtype)
+        return kernels.weighted_linear_cross_entropy(hidden, weight, t, weights.reshape(-1).float(), IGNORE_INDEX,
+                                                     tp_group=self.group, vocab_size=self.vocab_size, mode=self.mode)

@@ -34,7 +34,7 @@ from engine.config import Config
 class Backend:
     """Which implementation runs; the planner assumes the GPU defaults."""
 
-    flash_attention: bool = True  # flash-attn varlen kernel for bf16 queries (else SDPA, kv heads expanded)
+    flash_attention: bool = True  # flash-attn varlen kernel for bf16 queries (else SDPA)
     triton_kernels: bool = True  # Triton rotary and fused LM-head loss (kernels=auto on a GPU)
     layer_norm_fp32: bool = True  # CUDA autocast runs LayerNorm in fp32; CPU autocast keeps a bf16 input bf16
 
@@ -83,10 +83,7 @@ def llm_layer_bytes(cfg: Config, S: int, backend: Backend = GPU_BACKEND) -> int:
     d, hp = LLMDims.of(cfg), cfg.parallel.llm.hp
     n, n_s = llm_tokens(cfg, S)
     kv = d.kv_heads if d.kv_heads % hp == 0 else hp  # Ulysses repeats kv heads up to hp
-    if backend.flash_attention:
-        attn = 4 * d.Q + 4 * kv * d.D + 4 * d.heads
-    else:
-        attn = 8 * d.Q + 4 * d.heads
+    attn = 4 * d.Q + 4 * kv * d.D + 4 * d.heads  # every backend attends grouped heads to their k/v unrepeated
     if hp > 1:
         attn += 2 * d.Q  # the output's all-to-all back makes o_proj save a copy of its own
     rotary = 0 if backend.triton_kernels else 4 * d.D
