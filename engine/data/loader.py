@@ -41,11 +41,11 @@ _DATASET: Any = None  # the worker process's dataset (inherited from the loader 
 _SLOTS: Optional[shm.SlotRing] = None  # in a worker: where it makes pixels
 
 
-def _worker_init(dataset: Any) -> None:
+def _worker_init(dataset: Any, owner: str) -> None:
     global _DATASET, _SLOTS
     _DATASET = dataset
     if shm.available():
-        _SLOTS = shm.SlotRing(os.getppid())
+        _SLOTS = shm.SlotRing(owner)
         dataset.allocate = _SLOTS.allocate
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # the trainer's handlers are the parent's business
         signal.signal(sig, signal.SIG_DFL)
@@ -228,7 +228,7 @@ class StepLoader:
         self.prefetch = bool(prefetch)
         self.request: Optional[Request] = None
         self._pool: Optional[ProcessPoolExecutor] = None
-        self._slots = shm.SlotReader()
+        self._slots = shm.SlotReader(shm.owner_tag(self))
         self._ahead: Optional[StepBatch] = None  # the next step, its share already requested
         self._ahead_full: Optional[tuple[int, list[Future]]] = None  # the next whole step (``next_step``)
 
@@ -250,7 +250,7 @@ class StepLoader:
             shm.remove_orphans()
             method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
             self._pool = ProcessPoolExecutor(self.num_workers, mp_context=multiprocessing.get_context(method),
-                                             initializer=_worker_init, initargs=(self.dataset,))
+                                             initializer=_worker_init, initargs=(self.dataset, self._slots.owner))
             log.info("data: %d loader worker processes (pid %d)", self.num_workers, os.getpid())
         size = max(1, -(-len(jobs) // (2 * self.num_workers)))
         for a in range(0, len(jobs), size):

@@ -8,8 +8,8 @@ worker reads before reusing it (a worker only reuses a slot the training process
 adds a slot when none is free). Mapping each slot once keeps the kernel from faulting in fresh pages
 for every sample, which otherwise costs more than the copy.
 
-Slot files are named ``engine-loader-<training pid>-<worker pid>-<n>``; the loader removes its own
-when it closes and, when it starts, those of training processes that no longer run. Without a
+Slot files are named ``engine-loader-<training pid>-<loader>-<worker pid>-<n>``; a loader removes its
+own when it closes and, when it starts, those of training processes that no longer run. Without a
 writable ``/dev/shm`` pixels are pickled as before.
 """
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 import glob
 import mmap
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,8 +27,14 @@ SHM_DIR = "/dev/shm"
 HEADER = 64  # bytes before a slot's pixels; byte 0 is 1 while the slot's pixels travel, 0 once copied out
 
 
-def _prefix(training_pid: int) -> str:
-    return os.path.join(SHM_DIR, f"engine-loader-{training_pid}-")
+def _prefix(owner: str) -> str:
+    """``owner``: ``"<training pid>-<loader id>"``."""
+    return os.path.join(SHM_DIR, f"engine-loader-{owner}-")
+
+
+def owner_tag(loader: object) -> str:
+    """The slot-file owner of a loader in this (the training) process."""
+    return f"{os.getpid()}-{id(loader):x}"
 
 
 def available() -> bool:
@@ -49,8 +55,8 @@ class SlotRing:
     """A worker's slots. ``allocate(shape)`` -> a float32 array in a free slot; ``wire(array)`` -> what
     travels for it; ``release_unsent()`` frees the slots of a job's arrays that did not travel."""
 
-    def __init__(self, training_pid: int) -> None:
-        self.base = f"{_prefix(training_pid)}{os.getpid()}-"
+    def __init__(self, owner: str) -> None:
+        self.base = f"{_prefix(owner)}{os.getpid()}-"
         self.slots: list[list[Any]] = []  # [path, mapping]
         self.made: dict[int, tuple[int, tuple[int, ...]]] = {}  # array address -> (slot, shape)
 
@@ -83,7 +89,8 @@ class SlotRing:
 class SlotReader:
     """The training process's side: ``take(wire)`` -> a tensor of its own with the pixels."""
 
-    def __init__(self) -> None:
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
         self.maps: dict[str, mmap.mmap] = {}
 
     def take(self, wire: Any) -> torch.Tensor:
@@ -99,15 +106,15 @@ class SlotReader:
         mm[0] = 0  # the worker may reuse the slot
         return torch.from_numpy(out)
 
-    def close(self, training_pid: Optional[int] = None) -> None:
-        """Unmap, and remove the slot files of this training process."""
+    def close(self) -> None:
+        """Unmap, and remove the slot files of this loader's workers."""
         for mm in self.maps.values():
             try:
                 mm.close()
             except BufferError:
                 pass
         self.maps.clear()
-        for path in glob.glob(_prefix(training_pid or os.getpid()) + "*"):
+        for path in glob.glob(_prefix(self.owner) + "*"):
             os.unlink(path)
 
 
