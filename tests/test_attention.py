@@ -100,6 +100,7 @@ def test_the_backend_in_use_is_logged_once(caplog, monkeypatch):
 
 
 @gpu
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash", "varlen", "flex", "sdpa"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_gpu_backends_match_the_reference(backend, causal):
