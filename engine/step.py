@@ -85,19 +85,17 @@ class LocalRunner:
     def forward_backward(self, batch) -> dict:
         """One step over ``batch``: a ``StepBatch`` (loaded here) or samples in memory."""
         from engine.data.loader import StepBatch
+        from engine.parallel.data_share import load_share
 
-        counters = None
-        if isinstance(batch, StepBatch):
-            found = batch.load(self.data_request(batch))
-            if found:
-                batch.loader.record_load_skips(batch, {p: (r.reason, r.message) for p, r in found.items()})
-            counters, batch = batch.counters, [s for s in batch.samples() if s is not None]
+        step = batch if isinstance(batch, StepBatch) else None
+        if step is not None:
+            load_share(step, self.data_request, self.device)
+            batch = step.samples()
         groups = [g for g in split_contiguous(batch, self.cfg.parallel.llm.microbatches) if g]
         batches = [pack(g, self.cfg, self.pad_id) for g in groups]
         stats = forward_backward(self.model, batches, self.device, self.autocast_dtype, poison=self.poison_loss)
-        if counters is not None:
-            stats.update({f"data/{k}_max": float(v) for k, v in counters.items()})
-            stats["data/images"] = sum(len(s.image_tiles) for s in batch)
+        if step is not None:
+            stats.update(step.data_stats())
         return stats
 
     def clip_grad_norm(self, max_norm: float) -> float:

@@ -409,7 +409,7 @@ class InternVLDataset:
         t = self.tables[(kind, a)]
         if t.status[line]:
             return SampleMeta(0, 0)
-        return SampleMeta(int(t.text_tokens[line]), int(t.image_tiles[t.offsets[line]:t.offsets[line + 1]].sum()))
+        return SampleMeta(int(t.text_tokens[line]), sum(t.tiles(line)))
 
     def meta(self, i: int) -> SampleMeta:
         """``(text_tokens, tiles)`` of global index ``i`` from the shape index ((0, 0) when it is bad)."""
@@ -418,7 +418,9 @@ class InternVLDataset:
     def shape(self, i: int) -> tuple[str, str, int, list[int]]:
         """``(skip reason or "", message, LLM tokens, tiles per image)`` of global index ``i`` from the
         shape index alone (a sample over ``data.max_sample_tokens`` is ``too_long``)."""
-        kind, a, line = self.locate(i)
+        return self._shape_at(*self.locate(i))
+
+    def _shape_at(self, kind: str, a: int, line: int) -> tuple[str, str, int, list[int]]:
         t = self.tables[(kind, a)]
         if t.status[line]:
             return t.reason(line), t.messages.get(line, ""), 0, []
@@ -438,7 +440,7 @@ class InternVLDataset:
         the sample's ``tile_ids`` then names the rows of its ``pixel_values``."""
         kind, a, line = self.locate(i)
         source = self._lines(kind, a).source(line)
-        reason, message, indexed_tokens, indexed = self.shape(i)
+        reason, message, indexed_tokens, indexed = self._shape_at(kind, a, line)
         if reason:
             return LoadResult(i, None, source, reason, message)
         decoded = [0, 0]
@@ -538,7 +540,7 @@ def _decode_image(path: str) -> Image.Image:
         raise BadSample("corrupt_image", f"cannot decode image {path}: {e}") from None
 
 
-_DIGESTS: dict[tuple, str] = {}
+_DIGESTS: dict[str, str] = {}  # file fingerprint (JSON) -> content digest
 
 
 def _tokenizer_digest(path: str) -> str:

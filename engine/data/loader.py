@@ -8,8 +8,9 @@ loads a whole step (post-training, tools). Skipped samples are counted by reason
 holds the step and the counters, so a resumed run returns exactly the steps the original would have.
 
 Loading runs in ``num_workers`` worker processes (forked, as torch's DataLoader does; 0: in this
-process); workers hand pixels over through shared-memory slots (``engine.data.shm``). With ``prefetch`` the share of the next step is requested as soon as a step is handed out,
-so it loads while the step computes. Per step the batch counts its work: samples tokenised, images and
+process); workers hand pixels over through shared-memory slots (``engine.data.shm``). With
+``prefetch`` the share of the next step is requested as soon as a step is handed out, so it loads
+while the step computes. Per step the batch counts its work: samples tokenised, images and
 tiles decoded, and the seconds the step waited for data.
 """
 
@@ -159,7 +160,7 @@ class StepBatch:
             if i in self.bad or (have is not None and _covers(have, tiles)):
                 continue
             if i in self.pending:
-                asked, fut = self.pending[i]
+                asked = self.pending[i][0]
                 if asked is None or (tiles is not None and set(tiles) <= set(asked)):
                     continue
                 tiles = _union(asked, tiles)
@@ -190,6 +191,13 @@ class StepBatch:
                     self.loaded[i] = r.sample
         self.counters["wait_seconds"] += time.perf_counter() - t0
         return {pos: self.bad[self.indices[pos]] for pos in want if self.indices[pos] in self.bad}
+
+    def data_stats(self, counters: Optional[dict] = None) -> dict:
+        """The step's ``data/*`` metrics: ``data/<counter>_max`` from ``counters`` (the busiest rank's
+        of each, gathered by a parallel runner; default this rank's) and the step's ``data/images``."""
+        c = self.counters if counters is None else counters
+        return {**{f"data/{k}_max": float(v) for k, v in c.items()},
+                "data/images": sum(len(t) for t in self.image_tiles)}
 
     def samples(self) -> list[Optional[Sample]]:
         """The loaded sample at each position (None where this rank loaded nothing)."""

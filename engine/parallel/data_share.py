@@ -63,28 +63,30 @@ def agree_on_skips(found: dict, n: int, device: torch.device,
                    group: Optional[dist.ProcessGroup] = None) -> dict[int, tuple[str, str]]:
     """``{position: (reason, message)}`` of the samples any rank found bad (collective over ``group``);
     the message is known only where the sample failed ("" elsewhere)."""
-    codes = torch.zeros(n, dtype=torch.int32, device=device)
+    codes = torch.zeros(n, dtype=torch.int32)
     for pos, r in found.items():
         codes[pos] = SKIP_REASONS.index(r.reason) + 1
     if dist.is_initialized() and dist.get_world_size(group) > 1:
+        codes = codes.to(device)  # the collective's device (NCCL: the GPU)
         dist.all_reduce(codes, op=dist.ReduceOp.MAX, group=group)
-    return {int(p): (SKIP_REASONS[int(codes[p]) - 1], found[int(p)].message if int(p) in found else "")
+        codes = codes.cpu()
+    return {p: (SKIP_REASONS[int(codes[p]) - 1], found[p].message if p in found else "")
             for p in torch.nonzero(codes).flatten().tolist()}
 
 
-def load_share(batch: StepBatch, place: Callable[[StepBatch], Placement], replica: int, vit_rank: int,
-               device: torch.device, mark: Callable[..., None] = lambda phase, collective=False: None) -> Placement:
-    """Place ``batch``, load this rank's share, and repeat without the samples any rank could not
-    load (collective; a step with no bad sample costs one all-reduce of one int per sample).
-    ``mark(phase, collective)`` names what the rank is doing (the hang watchdog's ``enter``)."""
+def load_share(batch: StepBatch, want: Callable[[StepBatch], Want], device: torch.device,
+               mark: Callable[..., None] = lambda phase, collective=False: None) -> None:
+    """Load this rank's share of ``batch`` (``want(batch)``: the runner's ``data_request``, decided
+    from the batch as it stands), and repeat without the samples any rank could not load (collective;
+    a step with no bad sample costs one all-reduce of one int per sample). ``mark(phase, collective)``
+    names what the rank is doing (the hang watchdog's ``enter``)."""
     while True:
-        placement = place(batch)
         mark("data: loading this rank's share")
-        found = batch.load(rank_share(placement, replica, vit_rank))
+        found = batch.load(want(batch))
         mark("data: agreeing on failed samples (all-reduce)", collective=True)
         bad = agree_on_skips(found, len(batch), device)
         if not bad:
-            return placement
+            return
         if batch.loader is None:
             raise RuntimeError(f"samples {sorted(batch.indices[p] for p in bad)} of an in-memory batch failed")
-        batch.loader.record_load_skips(batch, bad)
+        batch.loader.record_load_skips(batch, bad)  # drops them; the next want() places the rest

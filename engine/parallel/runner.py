@@ -116,11 +116,12 @@ class TimedExecutor(PipelineExecutor):
 
     def _communicate(self, comm, inbox, outbox, saved, stages) -> None:
         peers = sorted({self.pp_ranks[m.peer] for m in comm.ops})
-        phase = self.watchdog.phase
-        self.watchdog.enter(f"pipeline send/recv with rank(s) {peers}", collective=True)
+        wd = self.watchdog
+        phase, collective = wd.phase, wd.collective
+        wd.enter(f"pipeline send/recv with rank(s) {peers}", collective=True)
         with self.clock.span("llm_comm"):
             super()._communicate(comm, inbox, outbox, saved, stages)
-        self.watchdog.enter(phase, collective=True)
+        wd.enter(phase, collective)
 
 
 def load_cost_model(cfg: Config, value_bytes: int = 4) -> CostModel:
@@ -184,9 +185,8 @@ class ParallelRunner:
         self.model.to(device)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
-        self.watchdog = Watchdog(0)  # the trainer's hang watchdog replaces it
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
-                                      clock=self.clock, watchdog=self.watchdog)
+                                      clock=self.clock, watchdog=Watchdog(0))  # the trainer's replaces it
         if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
@@ -223,6 +223,15 @@ class ParallelRunner:
         """(placement used this step, the naive placement), the same on every rank."""
         return place_step(batch, self.balance_layout, self.cost, self.cfg.balance.enabled, self.cfg.train.seed)
 
+    @property
+    def watchdog(self) -> Watchdog:
+        """The hang watchdog the runner and its pipeline executor report their phases to."""
+        return self.executor.watchdog
+
+    @watchdog.setter
+    def watchdog(self, wd: Watchdog) -> None:
+        self.executor.watchdog = wd
+
     def data_request(self, batch: StepBatch) -> dict:
         """What this rank loads of ``batch`` (the loader asks ahead of the step when prefetching)."""
         return rank_share(self._place(batch)[0], self.topo.llm.coord("dp"), self.exchange.vit_rank())
@@ -249,8 +258,8 @@ class ParallelRunner:
         cfg, llm, lm = self.cfg, self.topo.llm, self.model.language_model
         if not isinstance(batch, StepBatch):
             batch = StepBatch.from_samples(batch)
-        wd = self.executor.watchdog = self.watchdog
-        load_share(batch, lambda b: self._place(b)[0], llm.coord("dp"), self.exchange.vit_rank(), self.device, wd.enter)
+        wd = self.watchdog
+        load_share(batch, self.data_request, self.device, wd.enter)
         placement, naive = self._place(batch)
         samples = batch.samples()
         self.last_placement = placement
@@ -319,8 +328,7 @@ class ParallelRunner:
                      samples=int(n), tokens=int(text + visual))
         stats.update(self._balance_stats(placement, naive, gathered, sample_tiles))
         stats.update(straggler_stats(gathered[:, 1] + gathered[:, 2]))
-        stats.update({f"data/{k}_max": float(gathered[:, 7 + j].max()) for j, k in enumerate(data_keys)})
-        stats["data/images"] = sum(len(t) for t in batch.image_tiles)
+        stats.update(batch.data_stats({k: gathered[:, 7 + j].max() for j, k in enumerate(data_keys)}))
         return stats
 
     def _gather_rows(self, values: list[float]):
