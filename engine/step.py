@@ -1,56 +1,31 @@
-"""One optimisation step on one process: pack microbatches, forward/backward, global loss scale.
+"""The single-process runner: one optimisation step, every microbatch on this process.
 
-The loss of a step is sum(w * ce) / W over all its microbatches, with W the sum of the token
-weights of the whole global batch, known before any forward pass. Every microbatch backward
-is scaled by 1/W, so gradients equal those of one big batch however the samples were split.
+It is the reference the parallel runner (``engine.parallel.runner.ParallelRunner``, same interface)
+is tested against, and it calls the same objective (``engine.parallel.objective``) at the same points:
+samples split contiguously over ``parallel.llm.microbatches`` microbatches, the objective packs each
+and gives the step's loss normalisers before any forward (language modelling: W, the token weights
+of the whole step, so gradients equal those of one big batch however the samples were split), then
+per microbatch ViT -> embedding -> decoder layers -> the objective's head, and backward.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
+from engine.balance.layout import Layout
+from engine.balance.placement import place, sample_shapes
 from engine.config import Config
-from engine.data.batch import PackedBatch
-from engine.data.packing import pack, split_contiguous
+from engine.data.loader import StepBatch
+from engine.data.packing import first_fit
 from engine.models.layers import autocast_context
-
-
-def forward_backward(model, batches: Sequence[PackedBatch], device: torch.device,
-                     autocast_dtype: Optional[torch.dtype] = None, weight_total: Optional[float] = None,
-                     poison: bool = False) -> dict:
-    """Accumulate gradients of the global loss over ``batches``; returns loss and token counts.
-    ``poison``: the fault drill ``faults.nan_at_steps`` (the first batch's loss becomes NaN)."""
-    W = weight_total if weight_total is not None else float(sum(b.loss_weights.sum() for b in batches))
-    stats = {"loss": 0.0, "weight_total": W, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0}
-    if W <= 0:
-        return stats
-    for b in batches:
-        b = b.to(device)
-        with autocast_context(device, autocast_dtype):
-            loss_sum, _ = model.loss_terms(b)
-        if poison:
-            loss_sum, poison = loss_sum * float("nan"), False
-        (loss_sum / W).backward()
-        stats["loss"] += float(loss_sum.detach()) / W
-        stats["text_tokens"] += b.text_tokens
-        stats["visual_tokens"] += b.visual_tokens
-        stats["samples"] += b.num_samples
-    stats["tokens"] = stats["text_tokens"] + stats["visual_tokens"]
-    return stats
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches: Sequence[PackedBatch], device: torch.device) -> float:
-    """sum(w * ce) / sum(w) over ``batches`` without gradients."""
-    num, den = 0.0, 0.0
-    for b in batches:
-        ls, ws = model.loss_terms(b.to(device))
-        num += float(ls)
-        den += float(ws)
-    return num / max(den, 1e-12)
+from engine.parallel.data_share import load_share
+from engine.parallel.objective import LanguageModelling, Objective, PackContext, Packed
+from engine.parallel.parallelize import LLMLayout, embed_tokens, shard_tokens
+from engine.parallel.topology import build_grid
+from engine.precision import apply_param_dtype
 
 
 class LocalRunner:
@@ -59,7 +34,7 @@ class LocalRunner:
     ``state_dict``/``load_state_dict``."""
 
     def __init__(self, model, cfg: Config, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, objective: Optional[Objective] = None):
         from engine.optim import build_optimizer
 
         self.cfg = cfg
@@ -67,6 +42,8 @@ class LocalRunner:
         self.autocast_dtype = autocast_dtype
         self.pad_id = pad_id
         self.poison_loss = False  # fault drill: set by the trainer for faults.nan_at_steps
+        self.objective = objective if objective is not None else LanguageModelling()
+        self._grid = build_grid("llm", {"tp": 1, "hp": 1, "dp": 1, "pp": 1}, 0, 1, create_groups=False)
         from engine.parallel.materialize import is_meta, materialize_for
 
         if is_meta(model):  # built on the meta device: one process holds every slice of the plan
@@ -74,6 +51,7 @@ class LocalRunner:
 
             model = materialize_for(model, cfg, plan_for(cfg), {"llm": (0, 1), "vit": (0, 1)}, device)
         self.model = model.to(device)
+        apply_param_dtype(self.model, cfg.train.param_dtype)  # before the optimizer: it builds its masters
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
         if cfg.balance.enabled:
             logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")
@@ -82,21 +60,84 @@ class LocalRunner:
         """One process loads every sample of a step, all its pixels."""
         return {pos: None for pos in range(len(batch))}
 
-    def forward_backward(self, batch) -> dict:
-        """One step over ``batch``: a ``StepBatch`` (loaded here) or samples in memory."""
-        from engine.data.loader import StepBatch
-        from engine.parallel.data_share import load_share
+    def layout(self, model=None) -> LLMLayout:
+        """The LLM layout of one process (no groups; the model's own loss function)."""
+        model = self.model if model is None else model
+        return LLMLayout(self._grid, False, model.loss_fn, self.cfg.model.img_context_token_id)
 
-        step = batch if isinstance(batch, StepBatch) else None
-        if step is not None:
-            load_share(step, self.data_request, self.device)
-            batch = step.samples()
-        groups = [g for g in split_contiguous(batch, self.cfg.parallel.llm.microbatches) if g]
-        batches = [pack(g, self.cfg, self.pad_id) for g in groups]
-        stats = forward_backward(self.model, batches, self.device, self.autocast_dtype, poison=self.poison_loss)
-        if step is not None:
-            stats.update(step.data_stats())
+    def _pack_step(self, step: StepBatch) -> tuple[list, list[Packed]]:
+        """(the step's items, its microbatches): contiguous groups, packed by the objective."""
+        cfg = self.cfg
+        one = Layout(world=1, microbatches=cfg.parallel.llm.microbatches, max_packed_tokens=cfg.data.max_packed_tokens,
+                     num_image_token=cfg.model.num_image_token)
+        if "local_placement" not in step.memo:
+            shapes = sample_shapes(step.num_tokens, step.image_tiles, one.num_image_token)
+            step.memo["local_placement"] = place(shapes, one, first_fit, balanced=False)
+        placement = step.memo["local_placement"]
+        items, ctx = step.samples(), PackContext(cfg, self.pad_id)
+        order = self.objective.order(placement)[0]
+        return items, [self.objective.pack(items, o, g, ctx) for o, g in zip(order, placement.groups[0]) if g]
+
+    def _hidden(self, model, layout: LLMLayout, items, mb: Packed):
+        """(tokens, last decoder layer's output) of one microbatch."""
+        chunks = [items[i].pixel_values for i in mb.positions if items[i].pixel_values is not None and items[i].num_tiles]
+        feats = None
+        if chunks:
+            feats = model.extract_feature(torch.cat(chunks).to(self.device))
+            if mb.feature_index is not None:
+                feats = feats.index_select(0, mb.feature_index.to(self.device))
+        tokens = shard_tokens(mb.batch.to(self.device), layout)
+        lm = model.language_model
+        return tokens, lm.forward_layers(embed_tokens(lm, layout, tokens, feats), tokens.context)
+
+    def forward_backward(self, batch) -> dict:
+        """One step over ``batch``: a ``StepBatch`` (loaded here) or items in memory."""
+        step = batch if isinstance(batch, StepBatch) else StepBatch.from_samples(batch)
+        load_share(step, self.data_request, self.device)
+        items, packed = self._pack_step(step)
+        obj, layout, lm = self.objective, self.layout(), self.model.language_model
+        stats = {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
+                 "metrics": {}, **step.data_stats()}
+        if not obj.begin(obj.totals(packed), step, self):
+            return stats
+        sums, poison = dict.fromkeys(obj.stat_keys, 0.0), self.poison_loss
+        for mb in packed:
+            with autocast_context(self.device, self.autocast_dtype):
+                tokens, h = self._hidden(self.model, layout, items, mb)
+                loss, terms = obj.head(lm, layout, h, tokens, mb)
+            if poison:  # the fault drill faults.nan_at_steps
+                loss, terms, poison = loss * float("nan"), {k: float("nan") for k in terms}, False
+            loss.backward()
+            for k, v in terms.items():
+                sums[k] += v
+        stats.update(obj.finish(sums))
+        b = [mb.batch for mb in packed]
+        text, visual = sum(x.text_tokens for x in b), sum(x.visual_tokens for x in b)
+        stats.update(text_tokens=text, visual_tokens=visual, tokens=text + visual, samples=sum(x.num_samples for x in b))
         return stats
+
+    @torch.no_grad()
+    def forward_only(self, batch, head, width: int, model=None) -> torch.Tensor:
+        """``[items, width]`` float64: ``head(lm, layout, h, tokens, packed)`` of every microbatch (values
+        in ``packed.positions`` order), under ``model`` (default: the policy), without gradients."""
+        step = batch if isinstance(batch, StepBatch) else StepBatch.from_samples(batch)
+        load_share(step, self.data_request, self.device)
+        model = self.model if model is None else model
+        items, packed = self._pack_step(step)
+        layout = self.layout(model)
+        out = torch.zeros(len(step), width, dtype=torch.float64)
+        for mb in packed:
+            with autocast_context(self.device, self.autocast_dtype):
+                tokens, h = self._hidden(model, layout, items, mb)
+                values = head(model.language_model, layout, h, tokens, mb)
+            out[torch.tensor(mb.positions, dtype=torch.long)] = values.double().cpu()
+        return out
+
+    def shard_like(self, model):
+        """A frozen copy of a model (e.g. a reference model) on this runner's device, for ``forward_only``."""
+        model = model.requires_grad_(False).to(self.device)
+        apply_param_dtype(model, self.cfg.train.param_dtype)
+        return model
 
     def clip_grad_norm(self, max_norm: float) -> float:
         from engine.optim import clip_grad_norm
@@ -113,3 +154,10 @@ class LocalRunner:
     def full_state_dict(self) -> dict:
         """The whole model's weights in engine key names (gathered when parallel)."""
         return self.model.state_dict()
+
+    def extra_state_dict(self) -> dict:
+        """The objective's state (e.g. MPO's reward shift); saved with checkpoints."""
+        return self.objective.state_dict()
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state)

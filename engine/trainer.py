@@ -144,6 +144,18 @@ def build_model(cfg: Config, meta: bool = False) -> InternVLModel:
     return model
 
 
+def build_runner(model, cfg: Config, device: torch.device, world: int, autocast_dtype: Optional[torch.dtype] = None,
+                 pad_id: int = 0, objective=None):
+    """The runner of ``world`` processes (one: ``LocalRunner``) training ``objective``."""
+    if world > 1:
+        from engine.parallel.runner import ParallelRunner
+
+        return ParallelRunner(model, cfg, device, autocast_dtype, pad_id=pad_id, objective=objective)
+    from engine.step import LocalRunner
+
+    return LocalRunner(model, cfg, device, autocast_dtype, pad_id=pad_id, objective=objective)
+
+
 class TrainingHealthError(RuntimeError):
     """Too many consecutive steps had to be skipped (non-finite or spiking loss / gradients)."""
 
@@ -246,14 +258,14 @@ class Trainer:
     def _build_model(self) -> InternVLModel:
         return build_model(self.cfg, meta=True)
 
+    def _objective(self):
+        """What the runner trains: language modelling (pre-training; SFT and PRM through their data)."""
+        from engine.parallel.objective import LanguageModelling
+
+        return LanguageModelling()
+
     def _build_runner(self, model, pad_id: int):
-        if self.world > 1:
-            from engine.parallel.runner import ParallelRunner
-
-            return ParallelRunner(model, self.cfg, self.device, self.autocast_dtype, pad_id=pad_id)
-        from engine.step import LocalRunner
-
-        return LocalRunner(model, self.cfg, self.device, self.autocast_dtype, pad_id=pad_id)
+        return build_runner(model, self.cfg, self.device, self.world, self.autocast_dtype, pad_id, self._objective())
 
     def _after_resume(self) -> None:
         """Work that needs the resumed state (the step) before training starts."""
@@ -294,15 +306,14 @@ class Trainer:
 
     def evaluate(self) -> float:
         """The loss over the held-out set under this layout: ``sum(w * ce) / sum(w)`` over all of it,
-        in steps of ``train.global_batch`` samples (the runner's own forward; gradients discarded)."""
+        in steps of ``train.global_batch`` samples (the runner's forward pass without gradients)."""
+        from engine.parallel.objective import LanguageModelling
+
         num = den = 0.0
         B = self.cfg.train.global_batch
         for i in range(0, len(self.eval_samples), B):
-            self.runner.optimizer.zero_grad(set_to_none=True)
-            stats = self.runner.forward_backward(self.eval_samples[i:i + B])
-            num += stats["loss"] * stats["weight_total"]
-            den += stats["weight_total"]
-        self.runner.optimizer.zero_grad(set_to_none=True)
+            sums = self.runner.forward_only(self.eval_samples[i:i + B], LanguageModelling.score, 2).sum(0)
+            num, den = num + float(sums[0]), den + float(sums[1])
         return num / den if den > 0 else float("nan")
 
     # ------------------------------------------------------------------ checkpoints
@@ -475,4 +486,5 @@ class Trainer:
                 "text_tokens": stats["text_tokens"], "visual_tokens": stats["visual_tokens"],
                 "samples": stats["samples"], "skipped_samples": skipped, "skipped_steps": self.health.skipped,
                 "step_time": dt, "tokens_per_s": stats["tokens"] / dt if dt > 0 else 0.0,
-                **{k: v for k, v in stats.items() if k.startswith(("balance/", "skip/", "straggler/", "data/"))}}
+                **{k: v for k, v in stats.items() if k.startswith(("balance/", "skip/", "straggler/", "data/"))},
+                **stats.get("metrics", {})}

@@ -139,13 +139,13 @@ def metrics(run_dir: str) -> list[dict]:
 
 
 def naive_groups(n: int, dp: int, m: int) -> list[list[list[int]]]:
-    from engine.step import split_contiguous
+    from engine.data.packing import split_contiguous
 
     return [split_contiguous(rep, m) for rep in split_contiguous(list(range(n)), dp)]
 
 
 def naive_tiles(tiles: list[int], vit_dp: int) -> list[list[int]]:
-    from engine.step import split_contiguous
+    from engine.data.packing import split_contiguous
 
     return split_contiguous(range(sum(tiles)), vit_dp)
 

@@ -179,26 +179,29 @@ def test_extra_runner_state_round_trips(tmp_path):
     from engine.config import Config
     from engine.models.internvl import InternVLModel
     from engine.models.presets import preset_model_config
+    from engine.parallel.objective import LanguageModelling
     from engine.step import LocalRunner
 
-    class ShiftRunner(LocalRunner):
+    class ShiftObjective(LanguageModelling):  # an objective with state, like MPO's reward shift
         shift = 0.0
 
         def state_dict(self):
-            return {**super().state_dict(), "reward_shift": {"value": self.shift}}
+            return {"reward_shift": {"value": self.shift}}
 
         def load_state_dict(self, state):
-            super().load_state_dict(state)
             self.shift = state["reward_shift"]["value"]
+
+    def ShiftRunner(model, cfg, device):
+        return LocalRunner(model, cfg, device, objective=ShiftObjective())
 
     cfg = Config()
     cfg.model = preset_model_config("tiny")
     a = ShiftRunner(InternVLModel(cfg.model), cfg, torch.device("cpu"))
-    a.shift = 0.375
+    a.objective.shift = 0.375
     path = save_checkpoint(CheckpointManager(str(tmp_path)), 1, a, cfg, {"step": 1})
     torch.manual_seed(1)
     b = ShiftRunner(InternVLModel(cfg.model), cfg, torch.device("cpu"))
     assert load_checkpoint(path, b, cfg).kind == "train"
-    assert b.shift == 0.375
+    assert b.objective.shift == 0.375
     for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
         assert torch.equal(p, q), n

@@ -49,14 +49,14 @@ def train(rank: int, world: int, config: str, opts: list[str], resume_at: int = 
     trainer = Trainer(cfg)
     rows = []
     if world > 1:  # record how many samples share a packed row
-        pack_fn = trainer.runner._pack
+        pack_fn = trainer.runner.objective.pack
 
-        def recording(samples, order, group):
-            batch = pack_fn(samples, order, group)
-            rows.append((batch.num_samples, batch.input_ids.shape[0]))
-            return batch
+        def recording(items, order, group, ctx):
+            packed = pack_fn(items, order, group, ctx)
+            rows.append((packed.batch.num_samples, packed.batch.input_ids.shape[0]))
+            return packed
 
-        trainer.runner._pack = recording
+        trainer.runner.objective.pack = recording
     history = [(h["loss"], h["grad_norm"]) for h in trainer.train()]
     full = trainer.runner.full_state_dict()
     out = {"history": history, "rows": rows, "weights": {k: v.clone() for k, v in full.items()} if rank == 0 else None}

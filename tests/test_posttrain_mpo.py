@@ -14,9 +14,10 @@ from engine.data.loader import StepLoader
 from engine.models.internvl import InternVLModel
 from engine.posttrain.config import MPOConfig, load_posttrain_config
 from engine.posttrain.losses import RewardShift, bco_pair_loss, dpo_loss, mpo_loss, pair_terms, summarize
-from engine.posttrain.pairs import lm_weight_total, pack_pairs, pair_pixels
+from engine.posttrain.pairs import lm_weight_total, pack_pairs
 from engine.posttrain.preference import PreferenceDataset
-from engine.posttrain.runner import MPOLocalRunner
+from engine.posttrain.objective import MPO, frozen_copy
+from engine.step import LocalRunner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -188,19 +189,25 @@ def _direct_logp(model, sample) -> float:
 
 
 def test_packed_pair_logps_equal_separate_forwards(cfg, pairs):
-    from engine.posttrain.logprobs import model_logps
+    from engine.posttrain.objective import pair_logps
 
     torch.manual_seed(0)
     model = InternVLModel(cfg.model)
+    runner = LocalRunner(model, cfg, torch.device("cpu"), objective=MPO(MPOConfig(), cfg))
     group = pairs[:3]
-    mb = pack_pairs(group, cfg)
+    lm_sums = []
+
+    def head(lm, layout, h, tokens, mb):
+        logps, lm_sum = pair_logps(lm, layout, h, tokens, mb)
+        lm_sums.append(float(lm_sum))
+        return logps
+
+    logps = runner.forward_only(group, head, 2)
     with torch.no_grad():
-        feats = model.extract_feature(pair_pixels(group))
-        logps, lm_sum = model_logps(model, mb, feats)
         want = [_direct_logp(model, s) for p in group for s in (p.chosen, p.rejected)]
-    assert logps.tolist() == pytest.approx(want, rel=1e-4)
+    assert logps.flatten().tolist() == pytest.approx(want, rel=1e-4)
     chosen = sum(want[0::2])
-    assert float(lm_sum) == pytest.approx(-chosen, rel=1e-4)  # token weights: sum of chosen CE
+    assert sum(lm_sums) == pytest.approx(-chosen, rel=1e-4)  # token weights: sum of chosen CE
 
 
 def _local_runner(cfg, microbatches: int, mpo: MPOConfig = MPOConfig()):
@@ -210,7 +217,10 @@ def _local_runner(cfg, microbatches: int, mpo: MPOConfig = MPOConfig()):
     c.parallel.llm.microbatches = microbatches
     torch.manual_seed(0)
     model = InternVLModel(c.model)
-    return MPOLocalRunner(model, c, mpo, torch.device("cpu"))
+    reference = frozen_copy(model)  # the initial policy
+    runner = LocalRunner(model, c, torch.device("cpu"), objective=MPO(mpo, c))
+    runner.objective.reference = runner.shard_like(reference)
+    return runner
 
 
 def test_local_step_encodes_each_image_once_and_split_does_not_matter(cfg, pairs):
@@ -220,15 +230,15 @@ def test_local_step_encodes_each_image_once_and_split_does_not_matter(cfg, pairs
         with torch.no_grad():  # move the policy away from the reference so rewards are non-zero
             for p in runner.model.language_model.lm_head.parameters():
                 p.add_(0.02 * torch.randn_like(p))
-        runner.shift.mean, runner.shift.count = 0.05, 3
+        runner.objective.shift.mean, runner.objective.shift.count = 0.05, 3
         tiles = []
         runner.model.vision_model.register_forward_hook(lambda m, i, o: tiles.append(i[0].shape[0]))
         stats = runner.forward_backward(pairs)
-        assert sum(tiles) == sum(p.num_tiles for p in pairs) == runner.last_metrics["vit_tiles"]
+        assert sum(tiles) == sum(p.num_tiles for p in pairs) == stats["metrics"]["vit_tiles"]
         assert stats["weight_total"] == len(pairs) and stats["samples"] == 2 * len(pairs)
-        losses.append(dict(runner.last_metrics))
+        losses.append(dict(stats["metrics"]))
         grads.append({n: p.grad.clone() for n, p in runner.model.named_parameters() if p.grad is not None})
-        assert runner.shift.count == 4  # updated after the step
+        assert runner.objective.shift.count == 4  # updated after the step
     a, b = losses
     for key in ("loss", "mpo/dpo", "mpo/bco", "mpo/lm", "rewards/chosen", "rewards/accuracy", "rewards/margin"):
         assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key

@@ -89,9 +89,9 @@ def test_precomputed_reference_equals_frozen_model(synthetic_data, tmp_path):
     a = _run("examples/configs/mpo_tiny.yaml", _mpo(synthetic_data, prefs, str(tmp_path / "model"), **common))
     b = _run("examples/configs/mpo_tiny.yaml", _mpo(synthetic_data, prefs, str(tmp_path / "pre"), **common,
                                                     **{"posttrain.mpo.reference": "precomputed"}))
-    assert a.runner.reference is not None and b.runner.reference is None  # no frozen copy in memory
+    assert a.runner.objective.reference is not None and b.runner.objective.reference is None  # no frozen copy in memory
     assert os.path.exists(tmp_path / "pre" / "reference_logps.pt")
-    assert len(b.runner.store) == 12
+    assert len(b.runner.objective.store) == 12
     ra, rb = read_metrics(str(tmp_path / "model")), read_metrics(str(tmp_path / "pre"))
     for x, y in zip(ra, rb):
         for key in ("loss", "mpo/dpo", "mpo/bco", "mpo/lm", "rewards/chosen", "rewards/margin", "mpo/delta"):
@@ -108,7 +108,7 @@ def test_resume_restores_reward_shift(synthetic_data, tmp_path):
     part = str(tmp_path / "part")
     resumed = _run("examples/configs/mpo_tiny.yaml", _mpo(synthetic_data, prefs, part, **opts,
                                                           **{"train.resume": ckpt}))
-    assert resumed.runner.shift.count == 4
+    assert resumed.runner.objective.shift.count == 4
     a, b = read_metrics(full), read_metrics(part)
     assert [r["step"] for r in b] == [3, 4]
     assert b[0]["mpo/delta"] != 0.0  # the shift of steps 1-2 came from the checkpoint

@@ -19,7 +19,13 @@ What each rank writes (``rank_NNNNN.*``):
   AdamW moments per parameter, in the parameter's global coordinates. A ZeRO-1 rank owns a
   contiguous slice of a flat buffer; that slice is cut into boxes of each parameter it spans
   and written as such, so another data-parallel size, or no ZeRO, reads per-parameter tensors.
-  Master weights equal the (float32) parameters and are not stored twice.
+  With float32 parameters the master weights equal them and are not stored twice. With bf16
+  parameters (``train.param_dtype=bfloat16``, ``engine.precision``) ``model/<name>`` is bf16 and
+  the fp32 masters are stored as ``optim/master/<name>``, cut like the moments (a ZeRO rank's
+  master slice into per-parameter boxes), so they reshard to any layout, with or without ZeRO,
+  and a resumed run continues bit-exactly. Loading restores the masters from ``optim/master``;
+  without it (a float32 or weights-only checkpoint) from ``model/<name>`` at its stored
+  precision; float32 parameters loading a checkpoint with masters take the masters.
 * ``rank_NNNNN.rng.pt``: its Python, NumPy, torch (and CUDA) RNG states.
 
 Rank 0 adds ``meta.json`` (step, model config, the saving layout, scheduler, data loader and
@@ -109,6 +115,13 @@ def _is_zero(optimizer) -> bool:
     return isinstance(optimizer, ZeroAdamW)
 
 
+def _master_pairs(optimizer) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    """``(parameter, fp32 master)`` of a ``MasterAdamW`` (bf16 parameters without ZeRO), else none."""
+    from engine.optim import MasterAdamW
+
+    return list(zip(optimizer.params, optimizer.masters)) if isinstance(optimizer, MasterAdamW) else []
+
+
 def _flat_pieces(shard, sites: dict[str, Site], names: dict[int, str]):
     """For each parameter of a ZeRO flat shard that this rank's slice spans: ``(name, site,
     parameter, [(local box, offset of its first element in the slice)])``."""
@@ -120,6 +133,19 @@ def _flat_pieces(shard, sites: dict[str, Site], names: dict[int, str]):
             boxes = [(box, offset + f - shard.start) for box, f in flat_range_boxes(p.shape, lo - offset, hi - offset)]
             yield names[id(p)], sites[names[id(p)]], p, boxes
         offset += n
+
+
+def _read_slice(reader: CheckpointReader, shard, sites: dict[str, Site], names: dict[int, str], prefix: str,
+                out: torch.Tensor) -> None:
+    """This rank's slice ``out`` of a ZeRO flat buffer from the stored per-parameter tensors
+    ``{prefix}/<name>`` (parameter padding set to zero)."""
+    for name, s, p, boxes in _flat_pieces(shard, sites, names):
+        for box, at in boxes:
+            view = out[at:at + volume(box[1])].view(box[1])
+            view.zero_()
+            mapped = s.placement.to_global(box)
+            if mapped is not None:
+                take(view, mapped[1], box[0]).copy_(reader.read(f"{prefix}/{name}", mapped[0]))
 
 
 # ----------------------------------------------------------------------------- save
@@ -140,8 +166,6 @@ def collect_runner_state(runner, rank: int, copy: bool = False) -> ShardWriter:
         for shard, group in zip(opt.shards, opt.param_groups):
             master = group["params"][0]
             state = opt.state.get(master) or {}
-            if not state:
-                continue
             tensors = {k: v for k, v in state.items() if torch.is_tensor(v) and v.dim() == 1}
             scalars = {k: float(v) for k, v in state.items() if not (torch.is_tensor(v) and v.dim() == 1)}
             keep_master = any(p.dtype != master.dtype for p in shard.params)
@@ -161,14 +185,18 @@ def collect_runner_state(runner, rank: int, copy: bool = False) -> ShardWriter:
                         view = flat[at:at + volume(box[1])].view(box[1])
                         writer.add(f"optim/{k}/{name}", s.placement.global_shape, gbox, take(view, kept, box[0]), copy)
     elif isinstance(opt, torch.optim.Adam) or isinstance(opt, torch.optim.AdamW):
+        param_of = {id(m): p for p, m in _master_pairs(opt)}
         for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state.get(p) or {}
+            for t in group["params"]:  # the parameter, or its fp32 master
+                p = param_of.get(id(t), t)
+                state = opt.state.get(t) or {}
                 name = names[id(p)]
                 s = sites[name]
                 stored = s.placement.stored()
-                if not state or not s.owner:
+                if not s.owner:
                     continue
+                if t is not p and stored is not None:
+                    writer.add(f"optim/master/{name}", s.placement.global_shape, stored[0], take(t, stored[1]), copy)
                 for k, v in state.items():
                     if torch.is_tensor(v) and v.shape == p.shape and v.dim() > 0:
                         if stored is not None:
@@ -202,22 +230,15 @@ def write_meta(directory: str, meta: dict) -> None:
 
 
 def runner_extra_state(runner) -> dict:
-    """Runner state besides model and optimizer (e.g. a reward shift), the same on every rank:
-    ``runner.extra_state_dict()`` when defined, else the other entries of ``runner.state_dict()``."""
-    if hasattr(runner, "extra_state_dict"):
-        return dict(runner.extra_state_dict())
-    return {k: v for k, v in runner.state_dict().items() if k not in ("model", "optimizer")}
+    """Runner state besides model and optimizer (its objective's, e.g. MPO's reward shift), the same on
+    every rank."""
+    return dict(runner.extra_state_dict())
 
 
 def load_runner_extra_state(runner, extra: dict) -> None:
     """Inverse of ``runner_extra_state`` (call after the model and the optimizer are loaded)."""
-    if not extra:
-        return
-    if hasattr(runner, "load_extra_state_dict"):
+    if extra:
         runner.load_extra_state_dict(extra)
-    else:  # the runner's own loader, handed its current model and optimizer state back
-        runner.load_state_dict({"model": runner.model.state_dict(), "optimizer": runner.optimizer.state_dict(),
-                                **extra})
 
 
 def save_checkpoint(manager: CheckpointManager, step: int, runner, cfg: Config, trainer_state: dict,
@@ -294,20 +315,28 @@ def check_model(reader: CheckpointReader, model_cfg: ModelConfig) -> None:
 
 
 def load_model(reader: CheckpointReader, runner, model_cfg: ModelConfig) -> None:
-    """Every local parameter from its box of the stored tensor; padding set to zero."""
+    """Every local parameter from its box of the stored tensor; padding set to zero. Master
+    weights (bf16 parameters) follow, from the stored tensors at their own precision."""
     check_model(reader, model_cfg)
     sites = parameter_sites(runner)
+    opt = runner.optimizer
+    masters = {id(p): m for p, m in _master_pairs(opt)}
     with torch.no_grad():
         for name, p in runner.model.named_parameters():
             s = sites[name]
             stored = s.placement.stored()
-            if s.placement.dim is not None:
-                p.zero_()
-            if stored is not None:
-                take(p, stored[1]).copy_(reader.read(f"model/{name}", stored[0]))
-        if _is_zero(runner.optimizer):  # ZeRO-1 master slices follow the loaded weights
-            for shard, group in zip(runner.optimizer.shards, runner.optimizer.param_groups):
-                group["params"][0].copy_(shard.owned([p.data for p in shard.params]))
+            for t in (p, masters[id(p)]) if id(p) in masters else (p,):
+                if s.placement.dim is not None:
+                    t.zero_()
+                if stored is not None:
+                    take(t, stored[1]).copy_(reader.read(f"model/{name}", stored[0]))
+        if _is_zero(opt):  # ZeRO-1 master slices follow the loaded weights
+            names = {id(p): n for n, p in runner.model.named_parameters()}
+            for shard, group in zip(opt.shards, opt.param_groups):
+                if opt.keeps_masters:
+                    _read_slice(reader, shard, sites, names, "model", group["params"][0])
+                else:
+                    group["params"][0].copy_(shard.owned([p.data for p in shard.params]))
 
 
 def _state_names(reader: CheckpointReader) -> list[str]:
@@ -338,24 +367,30 @@ def load_optimizer(reader: CheckpointReader, runner) -> None:
     if _is_zero(opt):
         _load_zero(reader, opt, sites, names, state_names)
     else:
+        param_of = {id(m): p for p, m in _master_pairs(opt)}
         with torch.no_grad():
             for group in opt.param_groups:
-                for p in group["params"]:
+                for m in group["params"]:  # the parameter, or its fp32 master
+                    p = param_of.get(id(m), m)
                     name = names[id(p)]
-                    opt.state.pop(p, None)
+                    opt.state.pop(m, None)
+                    s = sites[name]
+                    stored = s.placement.stored()
+                    if stored is not None and reader.has(f"optim/master/{name}"):  # the parameter follows
+                        take(m, stored[1]).copy_(reader.read(f"optim/master/{name}", stored[0]))
+                        if m is not p:
+                            p.copy_(m)
                     present = [k for k in state_names if reader.has(f"optim/{k}/{name}")]
                     if not present:
                         continue
-                    s = sites[name]
-                    stored = s.placement.stored()
                     state: dict[str, Any] = {"step": _step_tensor(reader.scalar(f"optim/step/{name}", 0.0), group,
-                                                                  p.device)}
+                                                                  m.device)}
                     for k in present:
-                        t = torch.zeros_like(p, memory_format=torch.contiguous_format)
+                        t = torch.zeros_like(m, memory_format=torch.contiguous_format)
                         if stored is not None:
                             take(t, stored[1]).copy_(reader.read(f"optim/{k}/{name}", stored[0]))
                         state[k] = t
-                    opt.state[p] = state
+                    opt.state[m] = state
 
 
 def _load_zero(reader: CheckpointReader, opt, sites, names, state_names: list[str]) -> None:
@@ -383,6 +418,10 @@ def _load_zero(reader: CheckpointReader, opt, sites, names, state_names: list[st
                             take(view, mapped[1], box[0]).copy_(reader.read(f"optim/{k}/{name}", mapped[0]))
             if new_master is not None:
                 master.copy_(new_master)
+                if not opt.keeps_masters:  # float32 parameters take the saved masters (collective)
+                    shard.all_gather_into_params(master)
+            elif opt.keeps_masters:  # no saved masters: the stored weights, at their precision
+                _read_slice(reader, shard, sites, names, "model", master)
             else:
                 master.copy_(shard.owned([p.data for p in shard.params]))
             if not steps:

@@ -9,6 +9,12 @@ flattened into one fp32 vector, zero-padded to a multiple of the group size; ran
 ``i``-th contiguous slice, runs AdamW on it and all-gathers the updated slices into the
 parameters. Gradients arrive already summed (the same bucketed all-reduce as without ZeRO; gloo
 has no reduce-scatter of flat buffers that is cheaper), so gradient clipping sees full gradients.
+
+With bf16 parameters (``engine.precision``) the gradients summed, clipped and stepped from are the
+fp32 main grads (``grad_of``), the masters stay fp32, and the updated slices are all-gathered in
+bf16 (the parameters' dtype). ``state_dict`` then carries this rank's master slices under
+``"masters"`` and ``load_state_dict`` restores them exactly; in fp32 the masters are re-read from
+the parameters, as they equal them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch.distributed as dist
 
 from engine.config import TrainConfig
 from engine.optim import param_groups
+from engine.precision import grad_of, has_masters, set_grad, zero_grads
 
 Group = Optional[dist.ProcessGroup]
 
@@ -37,25 +44,31 @@ def _group_rank(group: Group) -> int:
 # ----------------------------------------------------------------------------- gradient sums
 
 
+def _grad_dtype(p: torch.nn.Parameter) -> torch.dtype:
+    g = grad_of(p)
+    return p.dtype if g is None else g.dtype
+
+
 def make_buckets(params: Sequence[torch.nn.Parameter], bucket_mb: float) -> list[list[torch.nn.Parameter]]:
-    """Consecutive parameters of one dtype, at most ``bucket_mb`` MiB per bucket (a larger
-    parameter gets a bucket of its own)."""
+    """Consecutive parameters of one gradient dtype (the fp32 main grad's when there is one), at
+    most ``bucket_mb`` MiB of gradients per bucket (a larger parameter gets a bucket of its own)."""
     limit = max(1, int(bucket_mb * 2**20))
     buckets: list[list[torch.nn.Parameter]] = []
     size, dtype = 0, None
     for p in params:
-        nbytes = p.numel() * p.element_size()
-        if not buckets or p.dtype != dtype or size + nbytes > limit:
+        g_dtype = _grad_dtype(p)
+        nbytes = p.numel() * g_dtype.itemsize
+        if not buckets or g_dtype != dtype or size + nbytes > limit:
             buckets.append([])
-            size, dtype = 0, p.dtype
+            size, dtype = 0, g_dtype
         buckets[-1].append(p)
         size += nbytes
     return buckets
 
 
 class GradReducer:
-    """Sums the gradients of ``params`` over ``group`` in flat buckets. Every rank of the group
-    must hold the same parameter shapes in the same order; a missing gradient counts as zero."""
+    """Sums the gradients (``grad_of``) of ``params`` over ``group`` in flat buckets. Every rank of
+    the group must hold the same parameter shapes in the same order; a missing gradient counts as zero."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], group: Group, bucket_mb: float):
         self.params = [p for p in params if p.requires_grad]
@@ -66,12 +79,13 @@ class GradReducer:
         if _group_size(self.group) == 1:
             return
         for bucket in self.buckets:
-            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+            grads = [grad_of(p) for p in bucket]
+            flat = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, bucket)])
             dist.all_reduce(flat, group=self.group)
             offset = 0
             for p in bucket:
                 n = p.numel()
-                p.grad = flat[offset:offset + n].view_as(p).clone()
+                set_grad(p, flat[offset:offset + n].view_as(p).clone())
                 offset += n
 
 
@@ -80,7 +94,8 @@ class GradReducer:
 
 @dataclass
 class FlatShard:
-    """One parameter group flattened: ``params`` in order, padded length, this rank's slice."""
+    """One parameter group flattened: ``params`` in order, padded length, this rank's slice.
+    Updated slices are all-gathered in the parameters' dtype (bf16 when they are bf16)."""
 
     params: list[torch.nn.Parameter]
     group: Group
@@ -106,13 +121,23 @@ class FlatShard:
     def owned(self, tensors: Sequence[Optional[torch.Tensor]]) -> torch.Tensor:
         return self.flatten(tensors)[self.start:self.end].clone()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype parameters are communicated in: theirs when they share one, else fp32."""
+        dtypes = {p.dtype for p in self.params}
+        return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` slice cast to ``dtype``, concatenated (collective over ``group``)."""
+        send = local.detach().to(self.dtype).contiguous()
+        if _group_size(self.group) == 1:
+            return send
+        parts = [torch.empty_like(send) for _ in range(_group_size(self.group))]
+        dist.all_gather(parts, send, group=self.group)
+        return torch.cat(parts)
+
     def all_gather_into_params(self, local: torch.Tensor) -> None:
-        parts = [torch.empty_like(local) for _ in range(_group_size(self.group))]
-        if len(parts) == 1:
-            parts = [local.detach()]
-        else:
-            dist.all_gather(parts, local.detach().contiguous(), group=self.group)
-        flat = torch.cat(parts)
+        flat = self.gather(local)
         offset = 0
         with torch.no_grad():
             for p in self.params:
@@ -126,7 +151,8 @@ class ZeroAdamW(torch.optim.AdamW):
 
     ``groups``: dicts with ``params``, ``weight_decay`` and ``dp_group`` (the group over which
     the parameters are replicated). ``param_groups`` hold one fp32 master slice each and carry
-    ``lr`` as usual (so ``LambdaLR`` works); ``state_dict`` is this rank's shard."""
+    ``lr`` as usual (so ``LambdaLR`` works); ``state_dict`` is this rank's shard (with its master
+    slices under ``"masters"`` when the parameters are below fp32)."""
 
     def __init__(self, groups: Sequence[dict], lr: float, betas: tuple[float, float], eps: float):
         self.shards: list[FlatShard] = []
@@ -148,29 +174,44 @@ class ZeroAdamW(torch.optim.AdamW):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for shard in self.shards:
-            for p in shard.params:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+            zero_grads(shard.params, set_to_none)
         super().zero_grad(set_to_none)
+
+    @property
+    def keeps_masters(self) -> bool:
+        """Whether the masters hold more than the parameters (parameters below fp32)."""
+        return has_masters(p for shard in self.shards for p in shard.params)
 
     @torch.no_grad()
     def step(self, closure=None):
         for shard, master in zip(self.shards, self._masters()):
-            master.grad = shard.owned([p.grad for p in shard.params])
+            master.grad = shard.owned([grad_of(p) for p in shard.params])
         loss = super().step(closure)
         for shard, master in zip(self.shards, self._masters()):
             shard.all_gather_into_params(master.data)
         return loss
 
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.keeps_masters:
+            state["masters"] = [m.detach().clone() for m in self._masters()]
+        return state
+
     def load_state_dict(self, state_dict: dict) -> None:
-        """Loads this rank's moments and hyper-parameters; the masters are re-read from the
-        parameters (load the model first)."""
+        """Loads this rank's moments and hyper-parameters, and its master slices when the state
+        has them (then the parameters follow the masters: collective); otherwise the masters are
+        re-read from the parameters (load the model first)."""
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("masters", None)
         super().load_state_dict(state_dict)
         with torch.no_grad():
-            for shard, master in zip(self.shards, self._masters()):
-                master.copy_(shard.owned([p.data for p in shard.params]))
+            for shard, master, saved in zip(self.shards, self._masters(), masters or [None] * len(self.shards),
+                                            strict=True):
+                if saved is None:
+                    master.copy_(shard.owned([p.data for p in shard.params]))
+                else:
+                    master.copy_(saved)
+                    shard.all_gather_into_params(master)
 
 
 def build_zero_optimizer(named_groups: Sequence[tuple[Iterable[tuple[str, torch.nn.Parameter]], Group]],

@@ -271,15 +271,18 @@ def _grid(topology: Topology, info: ShardInfo) -> Grid:
 
 
 def reduce_model_parallel_grads(model: nn.Module, topology: Topology, skip: tuple[str, ...] = ()) -> None:
-    """Sum partial gradients in place over each parameter's ``grad_sum`` group, except groups
-    listed in ``skip`` (left to the data-parallel reducer). Same parameter order on all ranks."""
+    """Sum partial gradients (``grad_of``: the fp32 main grad when there is one) in place over each
+    parameter's ``grad_sum`` group, except groups listed in ``skip`` (left to the data-parallel
+    reducer). Same parameter order on all ranks."""
+    from engine.precision import grad_of
+
     for p in model.parameters():
         info = shard_info(p)
         group = _grid(topology, info).group(info.grad_sum) if info.grad_sum and info.grad_sum not in skip else None
         if group is not None and p.requires_grad:
-            if p.grad is None:
+            if grad_of(p) is None:
                 p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, group=group)
+            torch.distributed.all_reduce(grad_of(p), group=group)
 
 
 def gather_full_state_dict(model: nn.Module, topology: Topology, grads: bool = False) -> dict[str, torch.Tensor]:

@@ -10,11 +10,14 @@ shape index) and loads only its own share of it (``engine.parallel.data_share``)
    nothing is broadcast; a checksum gathered after the step proves it. The rank then loads the tokens
    of its replica's samples and the pixels of its ViT rank's tiles. Each microbatch is packed
    (rows padded to the token-split multiple);
-2. W = the token weights of the whole global batch (summed over the replicas before any forward),
-   so where a sample is placed does not change the loss or the gradients;
+2. the objective (``engine.parallel.objective``: language modelling, or MPO) packs each microbatch
+   and gives its loss normalisers (for language modelling W, the token weights of the whole global
+   batch), summed over the replicas before any forward, so where a sample is placed does not change
+   the loss or the gradients;
 3. ViT: each ViT data-parallel rank encodes its tiles of the ``ExchangePlan``, the embeddings go
    to the first pipeline stage of the replica that consumes them (``VisualExchange``);
-4. LLM: the pipeline schedule (1F1B, or interleaved with ``vpp > 1``); microbatch loss sum(w*ce)/W;
+4. LLM: the pipeline schedule (1F1B, or interleaved with ``vpp > 1``); on the last stage the
+   objective's head gives the microbatch's share of the step loss (language modelling: sum(w*ce)/W);
 5. the exchange and the ViT run backward from the gradients of the embeddings;
 6. partial gradients are summed over their model-parallel groups, then over data parallelism,
    each module over its own grid.
@@ -30,7 +33,6 @@ how many samples and tiles it moved off the naive split.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -42,28 +44,26 @@ import torch.distributed as dist
 from engine.balance.cost import CostModel
 from engine.balance.layout import Layout
 from engine.balance.measure import ComputeClock, group_imbalance
-from engine.balance.packing import tight_rows
 from engine.balance.placement import Placement, moved
 from engine.config import Config, ConfigError
-from engine.data.batch import Sample
 from engine.data.loader import StepBatch
-from engine.data.packing import first_fit
 from engine.models.llm import QwenLM
 from engine.optim import clip_grad_norm
 from engine.parallel.data_parallel import GradReducer, build_zero_optimizer
 from engine.parallel.data_share import load_share, place_step, rank_share
 from engine.parallel.exchange import ExchangePlan, VisualExchange
+from engine.parallel.objective import LanguageModelling, Objective, PackContext, Packed
 from engine.parallel.materialize import is_meta, materialize_for
 from engine.parallel.parallelize import (LLMLayout, check_layout, embed_tokens, gather_full_state_dict, keep_stage,
-                                         loss_terms, parallelize_model, reduce_model_parallel_grads, shard_tokens)
+                                         parallelize_model, reduce_model_parallel_grads, shard_tokens)
 from engine.parallel.pipeline import PipelineExecutor, build_program
 from engine.parallel.plan import plan_for
 from engine.parallel.tensor_parallel import shard_info
 from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
 from engine.watchdog import Watchdog
-from engine.data.packing import pack
 from engine.models.layers import autocast_context
+from engine.precision import PARAM_DTYPES, apply_param_dtype
 
 log = logging.getLogger("engine.balance")
 
@@ -79,14 +79,14 @@ class Microbatch:
 
 class LLMStages:
     """The pipeline stage module of this rank: embedding on the first virtual stage, a slice of
-    decoder layers per chunk, final norm + LM head + loss on the last (loss sum(w*ce)/W)."""
+    decoder layers per chunk, the objective's head on the last (its loss: this microbatch's share)."""
 
     def __init__(self, lm: QwenLM, layout: LLMLayout, ranges: Sequence[range], pp: int, rank: int,
-                 microbatches: Sequence[Microbatch], weight_total: float, autocast=contextlib.nullcontext,
-                 poison: bool = False):
+                 microbatches: Sequence[Microbatch], objective: Objective, packed: Sequence[Packed],
+                 autocast=contextlib.nullcontext, poison: bool = False):
         self.lm, self.layout, self.ranges, self.pp, self.rank = lm, layout, list(ranges), pp, rank
-        self.mbs, self.W, self.autocast = microbatches, weight_total, autocast
-        self.loss = 0.0  # sum over the microbatches of sum(w*ce)/W (last stage only)
+        self.mbs, self.objective, self.packed, self.autocast = microbatches, objective, packed, autocast
+        self.sums = dict.fromkeys(objective.stat_keys, 0.0)  # over the microbatches (last stage only)
         self.poison = poison  # fault drill: this rank's first loss becomes NaN
 
     def forward(self, chunk: int, microbatch: int, x: Optional[torch.Tensor]) -> torch.Tensor:
@@ -96,11 +96,13 @@ class LLMStages:
             h = self.lm.forward_layers(h, mb.tokens.context, self.ranges[chunk])
             if vs < self.pp * len(self.ranges) - 1:
                 return h
-            ce, _ = loss_terms(self.lm, self.layout, h, mb.tokens)
+            loss, stats = self.objective.head(self.lm, self.layout, h, mb.tokens, self.packed[microbatch])
         if self.poison:
-            ce, self.poison = ce * float("nan"), False
-        self.loss += float(ce.detach()) / self.W
-        return ce / self.W
+            loss, self.poison = loss * float("nan"), False
+            stats = {k: float("nan") for k in stats}
+        for k, v in stats.items():
+            self.sums[k] += v
+        return loss
 
     def recv_shape(self, chunk: int, microbatch: int) -> tuple[int, ...]:
         return self.mbs[microbatch].shape
@@ -162,7 +164,7 @@ class ParallelRunner:
     every rank (cut into shards on the host)."""
 
     def __init__(self, model, cfg: Config, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
-                 pad_id: int = 0):
+                 pad_id: int = 0, objective: Optional[Objective] = None):
         if not dist.is_initialized():
             raise RuntimeError("ParallelRunner needs an initialised default process group (torchrun)")
         L = cfg.parallel.llm
@@ -171,6 +173,8 @@ class ParallelRunner:
             raise ConfigError(f"parallel.llm.pp={L.pp} needs model.llm.tie_word_embeddings=false")
         self.cfg, self.device, self.autocast_dtype, self.pad_id = cfg, device, autocast_dtype, pad_id
         self.poison_loss = False  # fault drill: set by the trainer for faults.nan_at_steps
+        self.objective = objective if objective is not None else LanguageModelling()
+        self._frozen_layouts: dict[int, LLMLayout] = {}  # models from ``shard_like``
         self.topo = build_topology(cfg, dist.get_rank(), dist.get_world_size())
         self.plan = plan_for(cfg)
         self.model, self.layout = parallelize_model(model, self.topo, cfg, self.plan)  # on meta when built there
@@ -183,9 +187,11 @@ class ParallelRunner:
                                                          "vit": (self.topo.vit.coord("tp"), self.topo.vit.size("tp"))},
                             device)
         self.model.to(device)
+        apply_param_dtype(self.model, cfg.train.param_dtype)  # before the reducers and the optimizer
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
+                                      dtype=PARAM_DTYPES[cfg.train.param_dtype],  # bf16 parameters: bf16 activations
                                       clock=self.clock, watchdog=Watchdog(0))  # the trainer's replaces it
         if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
@@ -236,70 +242,81 @@ class ParallelRunner:
         """What this rank loads of ``batch`` (the loader asks ahead of the step when prefetching)."""
         return rank_share(self._place(batch)[0], self.topo.llm.coord("dp"), self.exchange.vit_rank())
 
-    def _pack(self, samples: Sequence[Sample], order: list[int], group: list[int]):
-        """Pack one microbatch (first-fit in ``group`` order, rows at most ``data.max_packed_tokens``, at
-        the tightest capacity that keeps the row count: ``tight_rows``); its pixels travel through the
-        exchange, so they are left out here (an empty row per tile)."""
-        light = [dataclasses.replace(s, pixel_values=None if s.pixel_values is None else torch.empty(s.num_tiles, 0),
-                                     tile_ids=None) for s in (samples[i] for i in group)]
-        _, capacity = tight_rows([s.num_tokens for s in light], self.cfg.data.max_packed_tokens, first_fit)
-        cfg = self.cfg
-        if capacity != cfg.data.max_packed_tokens:
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_packed_tokens=capacity))
-        batch = pack(light, cfg, self.pad_id, self.layout.llm.token_multiple)
-        want = [t for i in order for t in samples[i].image_tiles]
-        got = [] if batch.image_tiles is None else batch.image_tiles.tolist()
-        if got != want:
-            raise RuntimeError(f"packed image order {got} differs from the exchange order {want}")
-        return batch
+    def _pack_step(self, batch: StepBatch):
+        """(placement, naive placement, the loaded items, this replica's ``Packed`` microbatches, tile order)."""
+        placement, naive = self._place(batch)
+        items = batch.samples()
+        order = self.objective.order(placement)
+        d = self.topo.llm.coord("dp")
+        ctx = PackContext(self.cfg, self.pad_id, self.layout.llm.token_multiple)
+        packed = [self.objective.pack(items, o, g, ctx) for o, g in zip(order[d], placement.groups[d])]
+        return placement, naive, items, packed, order
 
-    def forward_backward(self, batch: StepBatch | Sequence[Sample]) -> dict:
-        """One step over ``batch`` (a ``StepBatch``, or samples in memory on every rank)."""
-        cfg, llm, lm = self.cfg, self.topo.llm, self.model.language_model
+    def _microbatches(self, packed: Sequence[Packed], feats: torch.Tensor, plan: ExchangePlan,
+                      layout: LLMLayout) -> list[Microbatch]:
+        """This rank's view of each microbatch: its tokens (hp/sp slice) and, on the first stage, its
+        image features in the order it consumes them."""
+        H, hidden = layout.token_multiple, self.cfg.model.llm.hidden_size
+        out = []
+        for p, rows in zip(packed, self.exchange.microbatch_rows(plan)):
+            b = p.batch.to(self.device)
+            emb = feats[rows] if rows.stop > rows.start else None
+            if emb is not None and p.feature_index is not None:
+                emb = emb.index_select(0, p.feature_index.to(self.device))
+            out.append(Microbatch(shard_tokens(b, layout), emb, (b.input_ids.shape[0], b.input_ids.shape[1] // H,
+                                                                 hidden)))
+        return out
+
+    def _exchange_plan(self, batch: StepBatch, placement: Placement, order, items) -> tuple[ExchangePlan, torch.Tensor]:
+        """The step's exchange plan and the pixels this ViT rank encodes."""
+        plan = ExchangePlan.from_ranges(batch.num_tiles, placement.vit, order)
+        pixels = self.exchange.local_pixels(plan, [None if s is None else s.pixel_values for s in items], batch.num_tiles,
+                                            [None if s is None else s.tile_ids for s in items])
+        return plan, pixels.to(self.device)
+
+    def _is_reporter(self) -> bool:
+        """One rank per LLM replica reports its objective sums: the last stage's tp = hp = 0 rank."""
+        llm = self.topo.llm
+        return self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
+
+    def forward_backward(self, batch: StepBatch | Sequence) -> dict:
+        """One step over ``batch`` (a ``StepBatch``, or items in memory on every rank)."""
+        llm, lm, obj = self.topo.llm, self.model.language_model, self.objective
         if not isinstance(batch, StepBatch):
             batch = StepBatch.from_samples(batch)
         wd = self.watchdog
         load_share(batch, self.data_request, self.device, wd.enter)
-        placement, naive = self._place(batch)
-        samples = batch.samples()
+        placement, naive, items, packed, order = self._pack_step(batch)
         self.last_placement = placement
-        order = placement.order()
-        d = llm.coord("dp")
-        batches = [self._pack(samples, o, g) for o, g in zip(order[d], placement.groups[d])]
-        local = [sum(float(b.loss_weights.double().sum()) for b in batches), sum(b.text_tokens for b in batches),
-                 sum(b.visual_tokens for b in batches), sum(b.num_samples for b in batches)]
+        local = obj.totals(packed) + [sum(p.batch.text_tokens for p in packed), sum(p.batch.visual_tokens for p in packed),
+                                      sum(p.batch.num_samples for p in packed)]
         totals = torch.tensor(local, dtype=torch.float64, device=self.device)
-        wd.enter("token weights (all-reduce over data parallelism)", collective=True)
+        wd.enter("loss normalisers (all-reduce over data parallelism)", collective=True)
         if llm.group("dp") is not None:
             dist.all_reduce(totals, group=llm.group("dp"))
-        W, text, visual, n = totals.tolist()
-        stats = {"loss": 0.0, "weight_total": W, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0}
-        if W <= 0:
+        totals = totals.tolist()
+        text, visual, n = totals[-3:]
+        stats = {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
+                 "metrics": {}}
+        wd.enter("objective: step preparation", collective=True)
+        if not obj.begin(totals[:-3], batch, self):
             return stats
 
         self.clock.reset()
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
-        sample_tiles = batch.num_tiles
-        plan = ExchangePlan.from_ranges(sample_tiles, placement.vit, order)
-        pixels = self.exchange.local_pixels(plan, [None if s is None else s.pixel_values for s in samples], sample_tiles,
-                                            [None if s is None else s.tile_ids for s in samples]).to(self.device)
+        plan, pixels = self._exchange_plan(batch, placement, order, items)
         vit_group = self.topo.vit.size("tp") * self.topo.vit.size("hp") > 1
         wd.enter("ViT forward", collective=vit_group)
-        out = self._vit_forward(pixels, autocast)
+        out = self._vit_forward(self.model, pixels, autocast, grad=True)
         vit_out = out.detach().requires_grad_(out.requires_grad)
         wd.enter("ViT-to-LLM exchange (all-to-all)", collective=True)
         embeds = self.exchange.forward(vit_out, plan)
         leaf = embeds.detach().requires_grad_(embeds.requires_grad)
-        H, hidden = self.layout.llm.token_multiple, cfg.model.llm.hidden_size
-        mbs = []
-        for b, rows in zip(batches, self.exchange.microbatch_rows(plan)):
-            b = b.to(self.device)
-            feats = leaf[rows] if rows.stop > rows.start else None
-            mbs.append(Microbatch(shard_tokens(b, self.layout.llm), feats,
-                                  (b.input_ids.shape[0], b.input_ids.shape[1] // H, hidden)))
-        last = self.pp_rank == llm.size("pp") - 1 and llm.coord("tp") == 0 and llm.coord("hp") == 0
-        poison = self.poison_loss and last and llm.coord("dp") == 0  # one rank: the NaN must spread
-        stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, W, autocast, poison)
+        mbs = self._microbatches(packed, leaf, plan, self.layout.llm)
+        report = self._is_reporter()
+        poison = self.poison_loss and report and llm.coord("dp") == 0  # one rank: the NaN must spread
+        stages = LLMStages(lm, self.layout.llm, self.ranges, llm.size("pp"), self.pp_rank, mbs, obj, packed, autocast,
+                           poison)
         wd.enter("LLM pipeline", collective=True)
         with self.clock.span("llm"):
             self.executor.run(self.program, stages)
@@ -314,22 +331,73 @@ class ParallelRunner:
         self._reduce_grads()
 
         c = self.clock
-        mine = [stages.loss if last else 0.0, c.seconds("vit"), c.seconds("llm") - c.seconds("llm_comm"),
-                float(self.exchange.sent_bytes), float(placement.checksum()), c.cpu_seconds("vit"),
-                c.cpu_seconds("llm") - c.cpu_seconds("llm_comm")]
+        keys = obj.stat_keys
+        mine = [stages.sums[k] if report else 0.0 for k in keys]
+        mine += [c.seconds("vit"), c.seconds("llm") - c.seconds("llm_comm"), float(self.exchange.sent_bytes),
+                 float(placement.checksum()), c.cpu_seconds("vit"), c.cpu_seconds("llm") - c.cpu_seconds("llm_comm")]
         data_keys = sorted(batch.counters)
         mine += [float(batch.counters[k]) for k in data_keys]
         wd.enter("step statistics (all-gather)", collective=True)
         gathered = self._gather_rows(mine)
-        if len(set(gathered[:, 4].tolist())) != 1:
+        sums, gathered = dict(zip(keys, gathered[:, :len(keys)].sum(axis=0).tolist())), gathered[:, len(keys):]
+        if len(set(gathered[:, 3].tolist())) != 1:
             raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "
-                               f"{gathered[:, 4].astype('int64').tolist()}); the balancer must be deterministic")
-        stats.update(loss=float(gathered[:, 0].sum()), text_tokens=int(text), visual_tokens=int(visual),
-                     samples=int(n), tokens=int(text + visual))
-        stats.update(self._balance_stats(placement, naive, gathered, sample_tiles))
-        stats.update(straggler_stats(gathered[:, 1] + gathered[:, 2]))
-        stats.update(batch.data_stats({k: gathered[:, 7 + j].max() for j, k in enumerate(data_keys)}))
+                               f"{gathered[:, 3].astype('int64').tolist()}); the balancer must be deterministic")
+        stats.update(obj.finish(sums))
+        stats.update(text_tokens=int(text), visual_tokens=int(visual), samples=int(n), tokens=int(text + visual))
+        stats.update(self._balance_stats(placement, naive, gathered, batch.num_tiles))
+        stats.update(straggler_stats(gathered[:, 0] + gathered[:, 1]))
+        stats.update(batch.data_stats({k: gathered[:, 6 + j].max() for j, k in enumerate(data_keys)}))
         return stats
+
+    @torch.no_grad()
+    def forward_only(self, batch: StepBatch | Sequence, head, width: int, model=None) -> torch.Tensor:
+        """``[items, width]`` float64 values of every item of ``batch`` on every rank (collective): a
+        forward pass without gradients through ``model`` (default: the policy; else a model from
+        ``shard_like``), the pipeline stage by stage, and ``head(lm, layout, h, tokens, packed)`` on the
+        last stage giving ``[items of the microbatch, width]`` in ``packed.positions`` order."""
+        if not isinstance(batch, StepBatch):
+            batch = StepBatch.from_samples(batch)
+        load_share(batch, self.data_request, self.device, self.watchdog.enter)
+        model = self.model if model is None else model
+        layout = self.layout.llm if model is self.model else self._frozen_layouts[id(model)]
+        placement, _, items, packed, order = self._pack_step(batch)
+        plan, pixels = self._exchange_plan(batch, placement, order, items)
+        autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
+        feats = self.exchange.forward(self._vit_forward(model, pixels, autocast, grad=False), plan)
+        mbs = self._microbatches(packed, feats, plan, layout)
+        lm, llm = model.language_model, self.topo.llm
+        P, V = llm.size("pp"), len(self.ranges)
+        group, ranks = llm.group("pp"), llm.ranks("pp")
+        act = PARAM_DTYPES[self.cfg.train.param_dtype]  # activations between stages, as the executor sends them
+        out = torch.zeros(len(batch), width, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
+        for mb, p in zip(mbs, packed):
+            x = None
+            for vs in range(self.pp_rank, P * V, P):
+                if vs > 0:
+                    x = torch.empty(mb.shape, dtype=act, device=self.device)
+                    dist.recv(x, ranks[(vs - 1) % P], group=group)
+                with autocast():
+                    h = embed_tokens(lm, layout, mb.tokens, mb.image_embeds) if vs == 0 else x
+                    h = lm.forward_layers(h, mb.tokens.context, self.ranges[vs // P])
+                    if vs == P * V - 1:
+                        values = head(lm, layout, h, mb.tokens, p)
+                if vs < P * V - 1:
+                    dist.send(h.to(act).contiguous(), ranks[(vs + 1) % P], group=group)
+                elif self._is_reporter():
+                    out[torch.tensor(p.positions, dtype=torch.long, device=self.device)] = values.double()
+        dist.all_reduce(out)
+        return out.cpu()
+
+    def shard_like(self, model) -> "torch.nn.Module":
+        """A frozen copy of a single-process model (e.g. a reference model) sharded exactly like the
+        policy, for ``forward_only``."""
+        frozen, layout = parallelize_model(model, self.topo, self.cfg, self.plan)
+        keep_stage(frozen, self.plan, self.pp_rank)
+        frozen.requires_grad_(False).to(self.device)
+        apply_param_dtype(frozen, self.cfg.train.param_dtype)
+        self._frozen_layouts[id(frozen)] = layout.llm
+        return frozen
 
     def _gather_rows(self, values: list[float]):
         """``[world, len(values)]`` float64 array of every rank's ``values`` (collective)."""
@@ -347,25 +415,26 @@ class ParallelRunner:
         moved_samples, moved_tiles = moved(placement, naive, sample_tiles)
         a = placement.predicted
         out = {"balance/vit_imbalance_pred": a.vit_imbalance, "balance/llm_imbalance_pred": a.llm_imbalance,
-               "balance/vit_imbalance_meas": group_imbalance(gathered[:, 1], vit_rank),
-               "balance/llm_imbalance_meas": group_imbalance(gathered[:, 2], replica),
-               "balance/exchange_bytes": float(gathered[:, 3].sum()),
+               "balance/vit_imbalance_meas": group_imbalance(gathered[:, 0], vit_rank),
+               "balance/llm_imbalance_meas": group_imbalance(gathered[:, 1], replica),
+               "balance/exchange_bytes": float(gathered[:, 2].sum()),
                "balance/balancer_ms": placement.seconds * 1e3,
                "balance/moved_samples": moved_samples, "balance/moved_tiles": moved_tiles}
         if self.device.type == "cpu":  # CPU time: free of waiting for a core on a shared host
-            out["balance/vit_imbalance_meas_cpu"] = group_imbalance(gathered[:, 5], vit_rank)
-            out["balance/llm_imbalance_meas_cpu"] = group_imbalance(gathered[:, 6], replica)
+            out["balance/vit_imbalance_meas_cpu"] = group_imbalance(gathered[:, 4], vit_rank)
+            out["balance/llm_imbalance_meas_cpu"] = group_imbalance(gathered[:, 5], replica)
         return out
 
-    def _vit_forward(self, pixels: torch.Tensor, autocast) -> torch.Tensor:
+    def _vit_forward(self, model, pixels: torch.Tensor, autocast, grad: bool) -> torch.Tensor:
         """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
         dtype = self.autocast_dtype or torch.float32
-        if pixels.shape[0]:
-            with self.clock.span("vit"), autocast():
-                return self.model.extract_feature(pixels).to(dtype)
-        m = self.cfg.model
-        return torch.zeros(0, m.num_image_token, m.llm.hidden_size, dtype=dtype, device=self.device,
-                           requires_grad=self.vit_trainable)
+        with torch.set_grad_enabled(grad):
+            if pixels.shape[0]:
+                with self.clock.span("vit"), autocast():
+                    return model.extract_feature(pixels).to(dtype)
+            m = self.cfg.model
+            return torch.zeros(0, m.num_image_token, m.llm.hidden_size, dtype=dtype, device=self.device,
+                               requires_grad=grad and self.vit_trainable)
 
     def _reduce_grads(self) -> None:
         reduce_model_parallel_grads(self.model, self.topo, skip=("hp",))
@@ -397,3 +466,10 @@ class ParallelRunner:
             for part in parts:
                 full.update(part)
         return full
+
+    def extra_state_dict(self) -> dict:
+        """The objective's state (e.g. MPO's reward shift), the same on every rank; saved with checkpoints."""
+        return self.objective.state_dict()
+
+    def load_extra_state_dict(self, state: dict) -> None:
+        self.objective.load_state_dict(state)

@@ -8,7 +8,6 @@ parallelism) the cross entropy is reduced over the tp ranks.
 
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +69,3 @@ def head_logps(hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torc
     logps = -sequence_sums(ce, cu_seqlens, full_shape, hp_group)[seq_segment]
     lm_sum = reduce_from_region((lm_weights.reshape(-1).float() * ce).sum(), hp_group)
     return logps, lm_sum
-
-
-def model_logps(model, mb, image_embeds: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Single-process forward of a ``PairMicrobatch``: ``(log-probs [2 * pairs], LM sum)``.
-    ``image_embeds``: the ViT output of the pairs' tiles in pair order."""
-    b = mb.batch
-    feats = None
-    if image_embeds is not None and mb.feature_index.numel():
-        feats = image_embeds.index_select(0, mb.feature_index)
-    lm = model.language_model
-    h = model.embed(b.input_ids, feats, b.image_tiles, b.cu_seqlens)
-    h = lm.forward_layers(h, model.sequence_context(b.input_ids, b.position_ids, b.cu_seqlens))
-    h = lm.norm(h)
-    return head_logps(h, lm.lm_head.weight, b.targets, mb.lm_weights, b.cu_seqlens, tuple(b.input_ids.shape),
-                      mb.seq_segment, model.loss_fn)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -45,12 +45,6 @@ class PairMicrobatch:
 def _light(s: Sample) -> Sample:
     """The sample with its tile count but no pixels."""
     return dataclasses.replace(s, pixel_values=None if s.pixel_values is None else s.pixel_values[:, :0])
-
-
-def pair_pixels(pairs: Sequence[PreferencePair]) -> Optional[torch.Tensor]:
-    """The tiles of the pairs in pair order (each pair once), or None without images."""
-    chunks = [p.pixel_values for p in pairs if p.pixel_values is not None and p.num_tiles]
-    return torch.cat(chunks) if chunks else None
 
 
 def lm_weight_total(pairs: Sequence[PreferencePair], loss_reduction: str) -> float:

@@ -51,6 +51,11 @@ class PreferencePair:
         return self.chosen.num_tiles
 
     @property
+    def tile_ids(self) -> None:
+        """A pair is always loaded whole (all its tiles), as a ``Sample`` with ``tile_ids=None``."""
+        return None
+
+    @property
     def num_tokens(self) -> int:
         return self.chosen.num_tokens + self.rejected.num_tokens
 

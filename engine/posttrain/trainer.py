@@ -2,7 +2,8 @@
 
 It is ``engine.trainer.Trainer`` (loop, checkpoints, exact resume, signals, metrics) with its own
 set-up: initial weights from ``posttrain.init``, the data set of the mode, and for MPO the MPO
-runner and (``reference=precomputed``) the first pass over the pairs.
+objective (``engine.posttrain.objective``) for the trainer's runner and (``reference=precomputed``)
+the first pass over the pairs.
 
 * sft: InternVL conversations (``data.meta_path``), loss on assistant turns, the usual runner;
 * prm: PRM conversations (``data.meta_path``), loss on the ``+``/``-`` label tokens only;
@@ -67,12 +68,25 @@ class PostTrainer(Trainer):
             log.info("initial weights from %s", self.pt.init)
         return model
 
-    def _build_runner(self, model, pad_id: int):
+    def _objective(self):
         if self.pt.mode == "mpo":
-            from engine.posttrain.runner import build_mpo_runner
+            from engine.posttrain.objective import MPO
 
-            return build_mpo_runner(model, self.cfg, self.pt.mpo, self.device, self.world, self.autocast_dtype, pad_id)
-        return super()._build_runner(model, pad_id)
+            return MPO(self.pt.mpo, self.cfg)
+        return super()._objective()
+
+    def _build_runner(self, model, pad_id: int):
+        """The trainer's runner; for MPO with ``reference=model`` also the frozen initial policy, sharded
+        like the policy."""
+        reference = None
+        if self.pt.mode == "mpo" and self.pt.mpo.reference == "model":
+            from engine.posttrain.objective import frozen_copy
+
+            reference = frozen_copy(model)
+        runner = super()._build_runner(model, pad_id)
+        if reference is not None:
+            runner.objective.reference = runner.shard_like(reference)
+        return runner
 
     def _after_resume(self) -> None:
         if self.pt.mode == "mpo" and self.pt.mpo.reference == "precomputed":
@@ -98,19 +112,13 @@ class PostTrainer(Trainer):
         else:
             log.info("computing reference log-probs of %d steps with the initial policy", self.cfg.train.steps)
             loader = StepLoader(self.dataset, self.cfg.train.global_batch)
-            store = precompute_reference(self.runner.sequence_logps, loader, self.cfg.train.steps,
+            objective = self.runner.objective
+            store = precompute_reference(lambda pairs: self.runner.forward_only(pairs, objective.score, 2), loader,
+                                         self.cfg.train.steps,
                                          {k: v for k, v in expect.items() if k != "steps"})
             if self.rank == 0:
                 os.makedirs(self.run_dir, exist_ok=True)
                 store.save(path)
             if self.world > 1:
                 dist.barrier()
-        self.runner.set_reference_store(store)
-
-    # ------------------------------------------------------------------ loop
-    def train_step(self) -> dict:
-        row = super().train_step()
-        if self.pt.mode == "mpo":
-            row.update(self.runner.last_metrics)
-            row["pairs"] = row.pop("samples") // 2
-        return row
+        self.runner.objective.set_reference_store(store)

@@ -1,0 +1,81 @@
+"""Parameter precision (``train.param_dtype``): float32, or Megatron-style bf16 with fp32 main grads.
+
+``float32`` (the default) changes nothing: fp32 parameters, ``.grad`` and AdamW state;
+``train.dtype`` only picks the autocast dtype. With ``bfloat16`` (``apply_param_dtype``):
+- the model's floating-point parameters are stored in bf16 and used so in forward and backward;
+- every trainable parameter gets an fp32 ``main_grad`` buffer; a post-accumulate-grad hook adds
+  each backward's bf16 ``.grad`` into it and frees ``.grad``, so microbatches accumulate in fp32;
+- the optimizer owns fp32 master weights, steps them from the main grads and copies them back
+  into the parameters (``engine.optim.MasterAdamW``; ``ZeroAdamW`` keeps master slices of its
+  shard and all-gathers the updated slices in bf16).
+Gradient consumers (data-parallel and model-parallel sums, the norm and clipping, ``zero_grad``)
+go through ``grad_of`` / ``zero_grads``, so they read and write the main grad when there is one.
+The model code never knows. ``full_state_dict`` (HF export) then holds the bf16 parameters.
+Checkpoints store the masters as ``optim/master/<name>`` per parameter in global coordinates
+(like the moments), so a bf16 run resumes exactly and reshards to any layout
+(``engine.checkpoint.state``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable, Optional
+
+import torch
+
+log = logging.getLogger("engine.precision")
+
+PARAM_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _accumulate(p: torch.Tensor) -> None:
+    p.main_grad.add_(p.grad)
+    p.grad = None
+
+
+def apply_param_dtype(model: torch.nn.Module, name: str) -> None:
+    """Store ``model``'s floating-point parameters in ``train.param_dtype`` ``name``; below fp32,
+    give each trainable one an fp32 ``main_grad`` and the hook that accumulates into it. Parameters
+    keep their identity (and attributes such as ``shard_info``). Logs the mode."""
+    dtype = PARAM_DTYPES[name]
+    if dtype == torch.float32:
+        log.info("precision: fp32 parameters, gradients and optimizer state")
+        return
+    log.info("precision: %s parameters, fp32 main grads and master weights", name)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+        if p.requires_grad and not hasattr(p, "main_grad"):
+            p.main_grad = torch.zeros_like(p, dtype=torch.float32)
+            p.register_post_accumulate_grad_hook(_accumulate)
+
+
+def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient to reduce, clip and step from: the fp32 main grad when ``p`` has one, else ``.grad``."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def set_grad(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Replace the gradient ``grad_of(p)`` with ``value`` (in place for a main grad)."""
+    if getattr(p, "main_grad", None) is not None:
+        p.main_grad.copy_(value)
+    else:
+        p.grad = value
+
+
+def zero_grads(params: Iterable[torch.Tensor], set_to_none: bool = True) -> None:
+    """``Optimizer.zero_grad`` for ``params``: main grads are zeroed (their buffers stay), ``.grad`` freed or zeroed."""
+    for p in params:
+        main = getattr(p, "main_grad", None)
+        if main is not None:
+            main.zero_()
+        if set_to_none:
+            p.grad = None
+        elif p.grad is not None:
+            p.grad.zero_()
+
+
+def has_masters(params: Iterable[torch.Tensor]) -> bool:
+    """Whether an optimizer over ``params`` needs fp32 master weights (some parameter is below fp32)."""
+    return any(p.is_floating_point() and p.dtype != torch.float32 for p in params)
