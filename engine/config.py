@@ -184,7 +184,7 @@ class TrainConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     dtype: str = "auto"  # autocast: auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
-    param_dtype: str = "float32"  # float32 | bfloat16 (bf16 parameters, fp32 main grads and masters)
+    param_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 (fp32 main grads and masters)
     activation_checkpointing: bool = False
     freeze_vit: bool = False
     init_from: str = ""  # transformers `internvl` / `internvl_chat` directory with the initial weights
@@ -570,7 +570,7 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
                                                for s in nan_steps),
            f"faults.nan_at_steps={nan_steps!r} must be a list of step numbers >= 1")
     _choice(t.dtype, "train.dtype", ("auto", "float32", "bfloat16"))
-    _choice(t.param_dtype, "train.param_dtype", ("float32", "bfloat16"))
+    _choice(t.param_dtype, "train.param_dtype", ("auto", "float32", "bfloat16"))
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     for k in ("rotary", "pixel_shuffle", "loss"):
         _choice(getattr(cfg.kernels, k), f"kernels.{k}", ("auto", "triton", "reference"))

@@ -1,6 +1,7 @@
 """Parameter precision (``train.param_dtype``): float32, or Megatron-style bf16 with fp32 main grads.
+The default, ``auto``, is bf16 on a GPU and float32 on a CPU (the path every parity test uses).
 
-``float32`` (the default) changes nothing: fp32 parameters, ``.grad`` and AdamW state;
+``float32`` changes nothing: fp32 parameters, ``.grad`` and AdamW state;
 ``train.dtype`` only picks the autocast dtype. With ``bfloat16`` (``apply_param_dtype``):
 - the model's floating-point parameters are stored in bf16 and used so in forward and backward;
 - every trainable parameter gets an fp32 ``main_grad`` buffer; a post-accumulate-grad hook adds
@@ -33,21 +34,32 @@ def _accumulate(p: torch.Tensor) -> None:
     p.grad = None
 
 
-def apply_param_dtype(model: torch.nn.Module, name: str) -> None:
-    """Store ``model``'s floating-point parameters in ``train.param_dtype`` ``name``; below fp32,
-    give each trainable one an fp32 ``main_grad`` and the hook that accumulates into it. Parameters
-    keep their identity (and attributes such as ``shard_info``). Logs the mode."""
-    dtype = PARAM_DTYPES[name]
+def resolve_param_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``train.param_dtype``: ``auto`` is bf16 on a GPU and fp32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return PARAM_DTYPES[name]
+
+
+def apply_param_dtype(model: torch.nn.Module, name: str, device: torch.device, announce: bool = True) -> torch.dtype:
+    """Store ``model``'s floating-point parameters in ``train.param_dtype`` ``name`` (resolved for
+    ``device``); below fp32, give each trainable one an fp32 ``main_grad`` and the hook that
+    accumulates into it. Parameters keep their identity (and attributes such as ``shard_info``).
+    Logs the mode when ``announce``; returns the dtype."""
+    dtype = resolve_param_dtype(name, device)
     if dtype == torch.float32:
-        log.info("precision: fp32 parameters, gradients and optimizer state")
-        return
-    log.info("precision: %s parameters, fp32 main grads and master weights", name)
+        if announce:
+            log.info("precision: fp32 parameters, gradients and optimizer state")
+        return dtype
+    if announce:
+        log.info("precision: %s parameters, fp32 main grads and master weights", str(dtype).replace("torch.", ""))
     for p in model.parameters():
         if p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
         if p.requires_grad and not hasattr(p, "main_grad"):
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)
             p.register_post_accumulate_grad_hook(_accumulate)
+    return dtype
 
 
 def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:

@@ -51,7 +51,7 @@ class LocalRunner:
 
             model = materialize_for(model, cfg, plan_for(cfg), {"llm": (0, 1), "vit": (0, 1)}, device)
         self.model = model.to(device)
-        apply_param_dtype(self.model, cfg.train.param_dtype)  # before the optimizer: it builds its masters
+        apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before the optimizer: it builds its masters
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
         if cfg.balance.enabled:
             logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")
@@ -136,7 +136,7 @@ class LocalRunner:
     def shard_like(self, model):
         """A frozen copy of a model (e.g. a reference model) on this runner's device, for ``forward_only``."""
         model = model.requires_grad_(False).to(self.device)
-        apply_param_dtype(model, self.cfg.train.param_dtype)
+        apply_param_dtype(model, self.cfg.train.param_dtype, self.device, announce=False)
         return model
 
     def clip_grad_norm(self, max_norm: float) -> float:

@@ -89,10 +89,13 @@ def test_single_gpu_plan_holds_the_whole_model():
     plan = make_plan(cfg, 1, 1, H100)
     counts = analytic_param_count(cfg.model)
     assert plan.memory[0].params == {"vit": counts["vit"], "projector": counts["projector"], "llm": counts["llm"]}
-    assert plan.memory[0].weights == 4 * counts["total"]  # fp32 parameters
-    assert plan.memory[0].grads == 4 * counts["total"]
-    assert plan.memory[0].optimizer == 8 * counts["total"]  # AdamW moments
-    assert not plan.ok and "needs" in plan.problems[0]  # 16 B/param x 8B does not fit one H100
+    assert plan.memory[0].weights == 2 * counts["total"]  # train.param_dtype=auto: bf16 parameters on a GPU
+    assert plan.memory[0].grads == 4 * counts["total"]  # fp32 main grads
+    assert plan.memory[0].optimizer == 12 * counts["total"]  # fp32 masters + AdamW moments
+    assert not plan.ok and "needs" in plan.problems[0]  # 18 B/param x 8B does not fit one H100
+    fp32 = make_plan(make_cfg("internvl3-8b", ["train.param_dtype=float32"]), 1, 1, H100).memory[0]
+    assert (fp32.weights, fp32.grads, fp32.optimizer) == (4 * counts["total"], 4 * counts["total"],
+                                                          8 * counts["total"])  # fp32 parameters, AdamW moments
 
 
 # ----------------------------------------------------------------------------- shards vs the engine

@@ -33,7 +33,7 @@ def _scalar_model(dtype: str):
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(0.5)
-    apply_param_dtype(model, dtype)
+    apply_param_dtype(model, dtype, torch.device("cpu"))
     return model
 
 
@@ -70,7 +70,7 @@ def test_master_adamw_steps_fp32_masters_and_restores_them_exactly():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
     ref = [p.detach().to(torch.bfloat16).float().clone().requires_grad_(True) for p in model.parameters()]
-    apply_param_dtype(model, "bfloat16")
+    apply_param_dtype(model, "bfloat16", torch.device("cpu"))
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
     opt = build_optimizer(model.named_parameters(), cfg, torch.device("cpu"))
     assert isinstance(opt, MasterAdamW) and all(m.dtype == torch.float32 for m in opt.masters)
@@ -102,9 +102,14 @@ def test_master_adamw_steps_fp32_masters_and_restores_them_exactly():
 def test_param_dtype_is_validated():
     from engine.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"train.param_dtype='float16' must be one of float32, bfloat16"):
+    from engine.precision import resolve_param_dtype
+
+    with pytest.raises(ConfigError, match=r"train.param_dtype='float16' must be one of auto, float32, bfloat16"):
         load_config(CONFIG, ["train.param_dtype=float16"])
-    assert load_config(CONFIG, []).train.param_dtype == "float32"
+    assert load_config(CONFIG, []).train.param_dtype == "auto"  # fp32 on a CPU, bf16 on a GPU
+    assert resolve_param_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_param_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_param_dtype("float32", torch.device("cuda")) == torch.float32
 
 
 def _bf16_toy(seed: int):
@@ -112,7 +117,7 @@ def _bf16_toy(seed: int):
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
     from engine.precision import apply_param_dtype
 
-    apply_param_dtype(model, "bfloat16")
+    apply_param_dtype(model, "bfloat16", torch.device("cpu"))
     return model
 
 

@@ -265,10 +265,12 @@ def engine_steps(cfg, samples_per_step: list[list], device, dtype) -> dict:
     from engine.data.packing import pack
     from engine.models.layers import autocast_context
     from engine.optim import build_optimizer
+    from engine.precision import apply_param_dtype
     from engine.trainer import build_model
 
     model = build_model(cfg).to(device)
     params = sum(p.numel() for p in model.parameters())
+    param_dtype = apply_param_dtype(model, cfg.train.param_dtype, device)  # auto: bf16 + fp32 masters on a GPU
     opt = build_optimizer(model.named_parameters(), cfg.train, device)
     steps = []
     for samples in samples_per_step:
@@ -294,7 +296,8 @@ def engine_steps(cfg, samples_per_step: list[list], device, dtype) -> dict:
         ph["optimizer"] = t.lap()
         steps.append(dict(phases=ph, tokens=b.text_tokens + b.visual_tokens, tiles=b.num_tiles,
                           padded_tokens=int(b.input_ids.numel()), loss=float(loss_sum.detach()) / W))
-    return dict(params=params, steps=steps, attention="engine auto (best of flash/varlen/flex/sdpa)")
+    return dict(params=params, steps=steps, attention="engine auto (best of flash/varlen/flex/sdpa)",
+                param_dtype=str(param_dtype).replace("torch.", ""))
 
 
 def hf_steps(cfg, samples_per_step: list[list], device, dtype) -> dict:
@@ -369,7 +372,7 @@ def train_row(name: str, trainer: str, cfg, cut: str, runner, samples_per_step, 
         flops = planner_flops(cfg, tokens, tiles, span)
         mem, mem_kind = _peak_mem(device)
         phases = {k: round(1e3 * sum(s["phases"][k] for s in timed) / len(timed), 2) for k in timed[0]["phases"]}
-        row.update(attention=res.get("attention"), params_m=round(res["params"] / 1e6, 1), steps_timed=len(timed), warmup_steps=len(res["steps"]) - len(timed),
+        row.update(attention=res.get("attention"), param_dtype=res.get("param_dtype", "float32"), params_m=round(res["params"] / 1e6, 1), steps_timed=len(timed), warmup_steps=len(res["steps"]) - len(timed),
                    samples_per_step=len(samples_per_step[0]), tokens_per_step=tokens // len(timed),
                    padded_tokens_per_step=padded // len(timed), step_ms=round(1e3 * tot / len(timed), 2),
                    tokens_per_s=round(tokens / tot, 1), phase_ms=phases, peak_mem_mib=round(mem, 1),
@@ -479,7 +482,7 @@ def to_markdown(report: dict) -> str:
         out.append(f"- {line}\n")
     tr = report["train"]
     out.append("\n## train\n")
-    out.append(md_table(tr.get("rows", []), ["model", "trainer", "layers", "device", "dtype", "params_m",
+    out.append(md_table(tr.get("rows", []), ["model", "trainer", "layers", "device", "dtype", "param_dtype", "params_m",
                                              "samples_per_step", "tokens_per_step", "padded_tokens_per_step",
                                              "step_ms", "tokens_per_s", "tflops", "mfu", "peak_mem_mib",
                                              "phase_ms", "error"]))

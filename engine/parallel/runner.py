@@ -63,7 +63,7 @@ from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
 from engine.watchdog import Watchdog
 from engine.models.layers import autocast_context
-from engine.precision import PARAM_DTYPES, apply_param_dtype
+from engine.precision import apply_param_dtype
 
 log = logging.getLogger("engine.balance")
 
@@ -187,11 +187,11 @@ class ParallelRunner:
                                                          "vit": (self.topo.vit.coord("tp"), self.topo.vit.size("tp"))},
                             device)
         self.model.to(device)
-        apply_param_dtype(self.model, cfg.train.param_dtype)  # before the reducers and the optimizer
+        self.param_dtype = apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before reducers, optimizer
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
-                                      dtype=PARAM_DTYPES[cfg.train.param_dtype],  # bf16 parameters: bf16 activations
+                                      dtype=self.param_dtype,  # bf16 parameters: bf16 activations
                                       clock=self.clock, watchdog=Watchdog(0))  # the trainer's replaces it
         if llm.group("pp") is not None:  # NCCL wants every rank of the group in its first (batched p2p) call
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
@@ -369,7 +369,7 @@ class ParallelRunner:
         lm, llm = model.language_model, self.topo.llm
         P, V = llm.size("pp"), len(self.ranges)
         group, ranks = llm.group("pp"), llm.ranks("pp")
-        act = PARAM_DTYPES[self.cfg.train.param_dtype]  # activations between stages, as the executor sends them
+        act = self.param_dtype  # activations between stages, as the executor sends them
         out = torch.zeros(len(batch), width, dtype=torch.float64, device=self.device)  # NCCL reduces device tensors
         for mb, p in zip(mbs, packed):
             x = None
@@ -395,7 +395,7 @@ class ParallelRunner:
         frozen, layout = parallelize_model(model, self.topo, self.cfg, self.plan)
         keep_stage(frozen, self.plan, self.pp_rank)
         frozen.requires_grad_(False).to(self.device)
-        apply_param_dtype(frozen, self.cfg.train.param_dtype)
+        apply_param_dtype(frozen, self.cfg.train.param_dtype, self.device, announce=False)
         self._frozen_layouts[id(frozen)] = layout.llm
         return frozen
 

@@ -37,10 +37,17 @@ class Backend:
     flash_attention: bool = True  # flash-attn varlen kernel for bf16 queries (else SDPA)
     triton_kernels: bool = True  # Triton rotary and fused LM-head loss (kernels=auto on a GPU)
     layer_norm_fp32: bool = True  # CUDA autocast runs LayerNorm in fp32; CPU autocast keeps a bf16 input bf16
+    gpu: bool = True  # resolves ``auto`` settings (``train.param_dtype``: bf16 on a GPU, fp32 on a CPU)
 
 
 GPU_BACKEND = Backend()
-CPU_BACKEND = Backend(flash_attention=False, triton_kernels=False, layer_norm_fp32=False)
+CPU_BACKEND = Backend(flash_attention=False, triton_kernels=False, layer_norm_fp32=False, gpu=False)
+
+
+def bf16_params(cfg, backend: Backend) -> bool:
+    """Whether parameters are stored in bf16 (``train.param_dtype``, ``auto`` resolved for ``backend``)."""
+    p = cfg.train.param_dtype
+    return p == "bfloat16" or (p == "auto" and backend.gpu)
 
 
 # ----------------------------------------------------------------------------- LLM

@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 from engine.config import Config
 from engine.parallel.topology import Grid, build_topology
-from engine.planning.activations import (GPU_BACKEND, Backend, LLMDims, llm_layer_bytes, llm_tokens,
-                                         vit_layer_bytes_per_tile, vit_matrix_params, vit_tile_tokens,
-                                         vocab_local)
+from engine.planning.activations import (GPU_BACKEND, Backend, LLMDims, bf16_params, llm_layer_bytes, llm_tokens,
+                                         vit_layer_bytes_per_tile, vit_matrix_params, vit_tile_tokens, vocab_local)
 from engine.planning.hardware import GPU
 from engine.planning.memory import Layout, Workload
 from engine.parallel.plan import vit_padded_hidden
@@ -222,9 +221,10 @@ def step_cost(cfg: Config, stages: list[StageShards], layout: Layout, work: Work
     llm_dp, vit_dp = layout.llm_dp * L.hp, layout.vit_dp * V.hp
     bytes_["llm.dp"] = all_reduce(4.0 * llm_params, llm_dp)
     bytes_["vit.dp"] = all_reduce(4.0 * vit_params, vit_dp)
-    if cfg.parallel.zero1:
-        bytes_["llm.dp"] += gather(4.0 * llm_params, llm_dp)
-        bytes_["vit.dp"] += gather(4.0 * vit_params, vit_dp)
+    if cfg.parallel.zero1:  # the updated slices are all-gathered in the parameters' dtype
+        param_bytes = 2.0 if bf16_params(cfg, backend) else 4.0
+        bytes_["llm.dp"] += gather(param_bytes * llm_params, llm_dp)
+        bytes_["vit.dp"] += gather(param_bytes * vit_params, vit_dp)
         opt_traffic = 28.0 * (llm_params + vit_params) + 32.0 * (llm_params / llm_dp + vit_params / vit_dp)
     else:
         opt_traffic = 28.0 * (llm_params + vit_params)

@@ -1,15 +1,19 @@
 """Peak device memory of one rank of a pipeline stage, phase by phase, as the engine allocates it.
 
-What the engine keeps (``engine.trainer`` / ``engine.parallel.runner``):
+What the engine keeps (``engine.trainer`` / ``engine.parallel.runner``), by ``train.param_dtype``
+(``engine.precision``; ``auto`` is bf16 on a GPU):
 - weights: fp32 parameters (4 B each); the forward runs under bf16 autocast, whose cache keeps a
   bf16 copy (2 B) of every weight a linear uses: saved by autograd until backward without
-  activation checkpointing (one copy per microbatch in flight), transient with it;
+  activation checkpointing (one copy per microbatch in flight), transient with it. bf16
+  parameters: 2 B each and no copies;
 - gradients: fp32 ``.grad`` (4 B per trainable parameter), allocated in backward, freed at the
-  next step's ``zero_grad(set_to_none=True)``;
-- optimizer: AdamW ``exp_avg`` + ``exp_avg_sq`` (8 B); with ``parallel.zero1`` ZeroAdamW keeps an
-  fp32 master slice and both moments of ``ceil(group / dp)`` elements per flattened group
-  (12 B per owned element, dp = the grid's dp x hp ranks), and its step materialises the group's
-  flattened gradient and the all-gathered parameters (2 x 4 B per element of the largest group);
+  next step's ``zero_grad(set_to_none=True)``. bf16 parameters: fp32 main grads (4 B), held from
+  set-up on (``zero_grad`` zeroes them);
+- optimizer: AdamW ``exp_avg`` + ``exp_avg_sq`` (8 B), plus fp32 masters (4 B) with bf16
+  parameters; with ``parallel.zero1`` ZeroAdamW keeps an fp32 master slice and both moments of
+  ``ceil(group / dp)`` elements per flattened group (12 B per owned element, dp = the grid's dp x
+  hp ranks), and its step materialises the group's flattened gradient (4 B) and the all-gathered
+  parameters (4 B, bf16 parameters 2 B) per element of the largest group;
 - activations: ``engine.planning.activations``; the ViT encodes all of the rank's tiles of a step
   at once and keeps them until its backward after the LLM pipeline; pipeline stage p keeps the
   microbatches the schedule has in flight (up to pp - p under 1F1B, counted from the program);
@@ -26,10 +30,10 @@ from dataclasses import dataclass, field
 
 from engine.config import Config
 from engine.parallel.pipeline import Backward, Forward, build_program
-from engine.planning.activations import (GPU_BACKEND, Backend, LLMDims, llm_checkpoint_bytes, llm_layer_bytes,
-                                         llm_tokens, loss_bytes, vit_bytes_per_tile, vit_checkpoint_bytes_per_tile,
-                                         vit_layer_bytes_per_tile, vit_matrix_params, vit_stem_bytes_per_tile,
-                                         vocab_local)
+from engine.planning.activations import (GPU_BACKEND, Backend, LLMDims, bf16_params, llm_checkpoint_bytes,
+                                         llm_layer_bytes, llm_tokens, loss_bytes, vit_bytes_per_tile,
+                                         vit_checkpoint_bytes_per_tile, vit_layer_bytes_per_tile, vit_matrix_params,
+                                         vit_stem_bytes_per_tile, vocab_local)
 from engine.planning.shards import StageShards, optimizer_groups
 
 RUNTIME_RESERVE_GIB = 2.5  # CUDA context + cuBLAS workspaces + NCCL communicators (assumed, not measured)
@@ -116,9 +120,10 @@ def _llm_chunks(cfg: Config, sh: StageShards, S: int, ckpt: bool, backend: Backe
     L, c = cfg.parallel.llm, cfg.model.llm
     d = LLMDims.of(cfg)
     n, n_s = llm_tokens(cfg, S)
-    layer, copies = llm_layer_bytes(cfg, S, backend), 2 * d.matrix_params()
+    cast = 0 if bf16_params(cfg, backend) else 2  # bytes of autocast's copy of a weight
+    layer, copies = llm_layer_bytes(cfg, S, backend), cast * d.matrix_params()
     saved_loss, loss_transient = loss_bytes(cfg, S, backend)
-    head_copy = 2 * vocab_local(cfg) * c.hidden_size if L.tp > 1 or not backend.triton_kernels else 0
+    head_copy = cast * vocab_local(cfg) * c.hidden_size if L.tp > 1 or not backend.triton_kernels else 0
     out = []
     for chunk, layers in enumerate(sh.layers):
         vs = chunk * L.pp + sh.stage
@@ -141,21 +146,24 @@ def stage_memory(cfg: Config, sh: StageShards, layout: Layout, work: Workload,
     P = {"vit": sh.count("vision_model."), "projector": sh.count("projector."), "llm": sh.count("language_model.")}
     total = sum(P.values())
     vit_train = (0 if freeze else P["vit"]) + P["projector"]
-    weights, grads_llm, grads_vit = 4 * total, 4 * P["llm"], 4 * vit_train
+    bf16 = bf16_params(cfg, backend)
+    param_bytes, cast = (2, 0) if bf16 else (4, 2)
+    weights, grads_llm, grads_vit = param_bytes * total, 4 * P["llm"], 4 * vit_train
     if cfg.parallel.zero1:
         dps = {"vit": layout.vit_dp * cfg.parallel.vit.hp, "llm": layout.llm_dp * L.hp}
         groups = optimizer_groups(sh, cfg)
         optimizer = sum(12 * math.ceil(n / dps[g]) for g, n in groups)
-        step_transient = 8 * max(math.ceil(n / dps[g]) * dps[g] for g, n in groups)
+        step_transient = (4 + param_bytes) * max(math.ceil(n / dps[g]) * dps[g] for g, n in groups)
     else:
-        optimizer, step_transient = 8 * (P["llm"] + vit_train), 0
+        optimizer, step_transient = (12 if bf16 else 8) * (P["llm"] + vit_train), 0
+    held_grads = grads_llm + grads_vit if bf16 else 0  # main grads exist from set-up on
     largest = max(t.numel() for t in sh.params.values())
     bucket = int(cfg.parallel.bucket_mb * 2**20)
     step_transient = max(step_transient, 2 * max(bucket, 4 * largest), 8 * largest)  # dp buckets, fp64 norm
 
     tiles = layout.vit_tiles(cfg, work)
     S, M = work.tokens, L.microbatches
-    vit_copies = 2 * ((0 if freeze else P["vit"]) + P["projector"])  # autocast caches casts of trainable weights
+    vit_copies = cast * ((0 if freeze else P["vit"]) + P["projector"])  # autocast caches casts of trainable weights
     vit_layer = tiles * vit_layer_bytes_per_tile(cfg, backend)
     stem = tiles * vit_stem_bytes_per_tile(cfg) - (tiles * 3 * m.vision.image_size**2 * 2 if freeze else 0)
     tiles_replica = math.ceil(M * work.tiles_per_microbatch(cfg))
@@ -182,11 +190,12 @@ def stage_memory(cfg: Config, sh: StageShards, layout: Layout, work: Workload,
     vsaved = vit_saved(ckpt)
     vheld = 0 if ckpt else vit_copies  # bf16 weight copies saved by the ViT graph until its backward
     inflight, llm_transient = llm_peak(ckpt)
-    vit_transient = vit_layer + (2 * vit_matrix_params(cfg) if ckpt else 0)
+    vit_transient = vit_layer + (cast * vit_matrix_params(cfg) if ckpt else 0)
     parts = {
-        "vit_forward": {"weights": weights, "optimizer": optimizer, "vit_activations": vsaved,
+        "vit_forward": {"weights": weights, "optimizer": optimizer, "grads": held_grads, "vit_activations": vsaved,
                         "weight_copies": vit_copies, "transient": vit_layer},
-        "pipeline": {"weights": weights, "optimizer": optimizer, "grads": grads_llm, "vit_activations": vsaved,
+        "pipeline": {"weights": weights, "optimizer": optimizer, "grads": held_grads or grads_llm,
+                     "vit_activations": vsaved,
                      "weight_copies": vheld, "llm_activations": inflight, "exchange": exchange, "masks": masks,
                      "transient": llm_transient},
         "vit_backward": {"weights": weights, "optimizer": optimizer, "grads": grads_llm + grads_vit,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from engine.planning.activations import GPU_BACKEND, bf16_params
 from engine.planning.memory import GIB, RUNTIME_RESERVE_GIB
 from engine.planning.planner import Plan
 
@@ -135,10 +136,14 @@ def plan_text(plan: Plan) -> str:
                      mg["peak_phase"].replace("_", " "), f"{mem.peak / GIB:.1f}"])
     out.append(_table(["stage", "ranks", "layers", "ViT", "proj", "LLM", "weights", "grads", "optim",
                        "act LLM", "act ViT", "peak at", "peak"], rows))
+    bf16 = bf16_params(cfg, GPU_BACKEND)
     opt = ("ZeRO-1: fp32 master + 2 moments of the owned slice, 12 B/element" if cfg.parallel.zero1
-           else "AdamW moments, 8 B/param")
-    out.append(f"weights fp32 4 B/param, grads fp32 4 B/param, optimizer {opt}; activations under bf16 autocast "
-               f"(incl. bf16 weight copies); peak includes {RUNTIME_RESERVE_GIB} GiB runtime reserve; usable "
+           else "fp32 masters + AdamW moments, 12 B/param" if bf16 else "AdamW moments, 8 B/param")
+    weights = ("weights bf16 2 B/param, fp32 main grads 4 B/param" if bf16
+               else "weights fp32 4 B/param, grads fp32 4 B/param")
+    copies = "" if bf16 else " (incl. bf16 weight copies)"
+    out.append(f"{weights}, optimizer {opt}; activations under bf16 autocast{copies}; "
+               f"peak includes {RUNTIME_RESERVE_GIB} GiB runtime reserve; usable "
                f"{d['cluster']['usable_gib']} of {plan.gpu.memory_gib} GiB ({plan.margin:.0%} margin)")
     s = d["step"]
     sec = s["seconds"]
