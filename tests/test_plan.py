@@ -193,6 +193,40 @@ def test_shards_and_activations_match_the_engine():
         assert {r["stage"] for r in results} == set(range(make_cfg(preset, overrides).parallel.llm.pp))
 
 
+@pytest.mark.parametrize("param_dtype", ["float32", "bfloat16"])
+def test_state_bytes_match_the_engine(param_dtype):
+    """Weights, gradients and optimizer state the planner counts equal what one engine process holds
+    after a step: fp32 (4 + 4 + 8 B/param) or bf16 parameters (2 B, fp32 main grads 4 B, fp32 masters
+    and moments 12 B)."""
+    from engine.data.batch import Sample
+    from engine.planning.memory import Layout, Workload, stage_memory
+    from engine.step import LocalRunner
+    from engine.trainer import build_model
+
+    cfg = make_cfg("tiny", [f"train.param_dtype={param_dtype}", "train.freeze_vit=true"])
+    runner = LocalRunner(build_model(cfg), cfg, torch.device("cpu"))
+    m = cfg.model  # one sample with one image tile, so every trainable parameter gets a gradient
+    ids = torch.full((24 + m.num_image_token,), (m.img_context_token_id + 1) % m.llm.vocab_size)
+    ids[4:4 + m.num_image_token] = m.img_context_token_id
+    pixels = torch.randn(1, 3, m.vision.image_size, m.vision.image_size)
+    runner.forward_backward([Sample(input_ids=ids, labels=ids.clone(), pixel_values=pixels, image_tiles=[1], index=0)])
+    runner.optimizer.step()
+
+    def nbytes(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None and t.numel() > 1)
+
+    params = list(runner.model.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    grads = [getattr(p, "main_grad", p.grad) for p in trainable]
+    state = [t for st in runner.optimizer.state.values() for t in st.values() if torch.is_tensor(t)]
+    state += list(getattr(runner.optimizer, "masters", []))
+    sh = stage_shards(build_meta_model(cfg), cfg, 0)
+    mem = stage_memory(cfg, sh, Layout.of(cfg, 1), Workload.of(cfg), CPU_BACKEND)
+    assert (mem.weights, mem.grads, mem.optimizer) == (nbytes(params), nbytes(grads), nbytes(state))
+    assert mem.weights == (2 if param_dtype == "bfloat16" else 4) * sum(p.numel() for p in params)
+    assert len(trainable) < len(params)  # the frozen ViT: weights only
+
+
 def test_activation_formulas_single_process():
     """One layer of each kind at tp = 1: the formula is the bytes autograd keeps."""
     from engine.models.llm import DecoderLayer, SequenceContext
