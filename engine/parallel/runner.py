@@ -197,7 +197,7 @@ class ParallelRunner:
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
         self.balance_layout = Layout.from_config(cfg, dist.get_world_size())
-        self.cost = load_cost_model(cfg, (autocast_dtype or torch.float32).itemsize)
+        self.cost = load_cost_model(cfg, (autocast_dtype or self.param_dtype).itemsize)
         self.last_placement: Optional[Placement] = None
         if cfg.balance.enabled:
             log.info("balance: enabled over %d LLM replicas x %d microbatches and %d ViT ranks; cost model %s",
@@ -427,7 +427,7 @@ class ParallelRunner:
 
     def _vit_forward(self, model, pixels: torch.Tensor, autocast, grad: bool) -> torch.Tensor:
         """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
-        dtype = self.autocast_dtype or torch.float32
+        dtype = self.autocast_dtype or self.param_dtype  # what the exchange moves
         with torch.set_grad_enabled(grad):
             if pixels.shape[0]:
                 with self.clock.span("vit"), autocast():
