@@ -456,7 +456,7 @@ class Trainer:
         if hasattr(self.loader.dataset, "shape"):  # shapes only: the runner loads this rank's share
             batch = self.loader.next_batch()
             sources = batch.sources
-        else:  # a data set without a shape index (preference pairs): whole steps, every rank
+        else:  # a data set without a shape index (in-memory or custom data sets): whole steps, every rank
             batch = self.loader.next_step()
             sources = [getattr(s, "source", "?") for s in batch]
         self.runner.optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -248,20 +248,16 @@ class InternVLDataset:
     def _shape_tables(self, workers: int, index_dir: str) -> dict[tuple[str, int], shape_index.ShapeTable]:
         """The shape index of every annotation file and of the text corpus (cached or built)."""
         workers = min(workers, os.cpu_count() or 1)
-        tok = _tokenizer_digest(self.tokenizer.path)
-        p = self.processor
-        image = {"template": TEMPLATE, "system_prompt": self.system_prompt, "num_image_token": self.num_image_token,
-                 "image_size": p.image_size, "min_dynamic_patch": p.min_num, "max_dynamic_patch": p.max_num,
-                 "use_thumbnail": p.use_thumbnail}
         out = {}
         for a, ann in enumerate(self.annotations):
-            settings = {"kind": "multimodal", "tokenizer": tok, "root": os.path.abspath(ann.root), **image}
+            settings = index_settings("multimodal", self.tokenizer, self.processor, self.system_prompt,
+                                      self.num_image_token, ann.root)
             out[("multimodal", a)] = shape_index.load_or_build(
                 ann.lines.path, len(ann.lines), settings, lambda k, a=a: self._entry("multimodal", a, k), workers,
                 index_dir)
         if self.text is not None:
             out[("text", -1)] = shape_index.load_or_build(
-                self.text.path, len(self.text), {"kind": "text", "tokenizer": tok},
+                self.text.path, len(self.text), {"kind": "text", "tokenizer": _tokenizer_digest(self.tokenizer.path)},
                 lambda k: self._entry("text", -1, k), workers, index_dir)
         return out
 
@@ -420,15 +416,8 @@ class InternVLDataset:
         shape index alone (a sample over ``data.max_sample_tokens`` is ``too_long``)."""
         return self._shape_at(*self.locate(i))
 
-    def _shape_at(self, kind: str, a: int, line: int) -> tuple[str, str, int, list[int]]:
-        t = self.tables[(kind, a)]
-        if t.status[line]:
-            return t.reason(line), t.messages.get(line, ""), 0, []
-        tiles = t.tiles(line)
-        n = int(t.text_tokens[line]) + sum(tiles) * self.num_image_token
-        if n > self.max_sample_tokens:
-            return "too_long", f"{n} tokens > data.max_sample_tokens={self.max_sample_tokens}", n, tiles
-        return "", "", n, tiles
+    def _shape_at(self, kind: str, a: int, line: int) -> shape_index.Shape:
+        return self.tables[(kind, a)].shape(line, self.num_image_token, self.max_sample_tokens)
 
     def num_tokens(self, i: int) -> int:
         m = self.meta(i)
@@ -446,52 +435,17 @@ class InternVLDataset:
         decoded = [0, 0]
         try:
             p = self._prepare(kind, a, line)
-            if len(p.input_ids) > self.max_sample_tokens:
-                raise BadSample("too_long", f"{len(p.input_ids)} tokens > data.max_sample_tokens="
-                                            f"{self.max_sample_tokens}")
-            if p.image_tiles != indexed or len(p.input_ids) != indexed_tokens:
-                raise BadSample("stale_index", f"{len(p.input_ids)} tokens, tiles {p.image_tiles}; the shape index "
-                                               f"says {indexed_tokens} tokens, tiles {indexed} (file changed since "
-                                               f"indexing)")
-            pixel_values, tile_ids = self._pixels(kind, a, i, p, tiles, decoded)
+            check_indexed(len(p.input_ids), len(p.input_ids), p.image_tiles, self.max_sample_tokens, indexed_tokens,
+                          indexed)
+            augment = kind == "multimodal" and self.annotations[a].data_augment
+            pixel_values, tile_ids = load_pixels(self.processor, augment, self.seed, i, p.image_paths, p.image_tiles,
+                                                 tiles, self.allocate, decoded)
             sample = Sample(input_ids=torch.tensor(p.input_ids, dtype=torch.int64),
                             labels=torch.tensor(p.labels, dtype=torch.int64), pixel_values=pixel_values,
                             image_tiles=list(p.image_tiles), source=source, kind=kind, index=int(i), tile_ids=tile_ids)
             return LoadResult(i, sample, source, images_decoded=decoded[0], tiles_decoded=decoded[1])
         except BadSample as e:
             return LoadResult(i, None, source, e.reason, e.message, decoded[0], decoded[1])
-
-    def _pixels(self, kind: str, a: int, i: int, p: _Prepared, tiles: Optional[Sequence[int]],
-                decoded: list[int]) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
-        """(pixels of the wanted tiles, their tile numbers or None for all); counts decoded images and tiles."""
-        if not p.image_paths:
-            return None, None
-        augment = kind == "multimodal" and self.annotations[a].data_augment
-        rng = sample_random(self.seed, i, "image") if augment and self.processor.jpeg_aug_prob > 0 else None
-        processor = self.processor if augment else _no_augment(self.processor)
-        want = None if tiles is None else set(int(t) for t in tiles)
-        per_image, start = [], 0
-        for n in p.image_tiles:
-            per_image.append(list(range(n)) if want is None else [k for k in range(n) if start + k in want])
-            start += n
-        S = processor.image_size
-        out = self.allocate((sum(len(m) for m in per_image), 3, S, S))  # the loader's workers: shared memory
-        ids, start, row = [], 0, 0
-        for path, n, mine in zip(p.image_paths, p.image_tiles, per_image):
-            if not mine:
-                processor.augment_plan(n, rng)  # the draws of this image's tiles, so later images get theirs
-            else:
-                image = _decode_image(path)
-                got = processor.num_tiles(*image.size)
-                if got != n:
-                    raise BadSample("corrupt_image", f"{path}: {got} tiles decoded, header said {n}")
-                processor.tiles(image, rng, mine, out=out[row:row + len(mine)])
-                ids.extend(start + k for k in mine)
-                row += len(mine)
-                decoded[0] += 1
-                decoded[1] += len(mine)
-            start += n
-        return torch.from_numpy(out), None if tiles is None else ids
 
     def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
         """Count a skipped sample in ``stats`` (default ``self.stats``) and log it with file:line."""
@@ -553,6 +507,65 @@ def _tokenizer_digest(path: str) -> str:
 
 def _no_augment(p: ImageProcessor) -> ImageProcessor:
     return ImageProcessor(p.image_size, p.min_num, p.max_num, p.use_thumbnail, 0.0)
+
+
+def index_settings(kind: str, tokenizer: Tokenizer, processor: ImageProcessor, system_prompt: Optional[str],
+                   num_image_token: int, root: str) -> dict:
+    """The settings that shape the records of an annotation file of images under ``root`` (part of its
+    shape index key): the tokenizer's contents, the chat template and system prompt, the tiling."""
+    p = processor
+    return {"kind": kind, "tokenizer": _tokenizer_digest(tokenizer.path), "root": os.path.abspath(root),
+            "template": TEMPLATE, "system_prompt": system_prompt, "num_image_token": num_image_token,
+            "image_size": p.image_size, "min_dynamic_patch": p.min_num, "max_dynamic_patch": p.max_num,
+            "use_thumbnail": p.use_thumbnail}
+
+
+def check_indexed(tokens: int, longest: int, image_tiles: list[int], max_tokens: int, indexed_tokens: int,
+                  indexed_tiles: list[int]) -> None:
+    """Raise ``BadSample`` when a record just read is over ``max_tokens`` in its ``longest`` sequence
+    (``too_long``) or is not what its shape index says (``stale_index``: the file changed since)."""
+    if longest > max_tokens:
+        raise BadSample("too_long", f"{longest} tokens > data.max_sample_tokens={max_tokens}")
+    if image_tiles != indexed_tiles or tokens != indexed_tokens:
+        raise BadSample("stale_index", f"{tokens} tokens, tiles {image_tiles}; the shape index says {indexed_tokens} "
+                                       f"tokens, tiles {indexed_tiles} (file changed since indexing)")
+
+
+def load_pixels(processor: ImageProcessor, augment: bool, seed: int, index: int, paths: Sequence[str],
+                image_tiles: Sequence[int], tiles: Optional[Sequence[int]], allocate: Callable[..., np.ndarray],
+                decoded: list[int]) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
+    """(pixels of the wanted ``tiles`` of a record's images, their tile numbers or None for all), made in
+    ``allocate(shape)``; ``tiles``: the record's tile numbers (None: all; empty: none). Augmentation
+    (when ``augment``) draws for every tile of the record from (``seed``, ``index``), decoded or not,
+    so any split of its tiles gives the same pixels. Adds the images and tiles decoded to ``decoded``;
+    raises ``BadSample`` for an image that does not decode to its indexed tiles."""
+    if not paths:
+        return None, None
+    rng = sample_random(seed, index, "image") if augment and processor.jpeg_aug_prob > 0 else None
+    processor = processor if augment else _no_augment(processor)
+    want = None if tiles is None else set(int(t) for t in tiles)
+    per_image, start = [], 0
+    for n in image_tiles:
+        per_image.append(list(range(n)) if want is None else [k for k in range(n) if start + k in want])
+        start += n
+    S = processor.image_size
+    out = allocate((sum(len(m) for m in per_image), 3, S, S))  # the loader's workers: shared memory
+    ids, start, row = [], 0, 0
+    for path, n, mine in zip(paths, image_tiles, per_image):
+        if not mine:
+            processor.augment_plan(n, rng)  # the draws of this image's tiles, so later images get theirs
+        else:
+            image = _decode_image(path)
+            got = processor.num_tiles(*image.size)
+            if got != n:
+                raise BadSample("corrupt_image", f"{path}: {got} tiles decoded, header said {n}")
+            processor.tiles(image, rng, mine, out=out[row:row + len(mine)])
+            ids.extend(start + k for k in mine)
+            row += len(mine)
+            decoded[0] += 1
+            decoded[1] += len(mine)
+        start += n
+    return torch.from_numpy(out), None if tiles is None else ids
 
 
 def build_dataset(cfg: Any, tokenizer: Optional[Tokenizer] = None) -> InternVLDataset:

@@ -8,7 +8,8 @@ loads a whole step (post-training, tools). Skipped samples are counted by reason
 holds the step and the counters, so a resumed run returns exactly the steps the original would have.
 
 Loading runs in ``num_workers`` worker processes (forked, as torch's DataLoader does; 0: in this
-process); workers hand pixels over through shared-memory slots (``engine.data.shm``). With
+process); workers hand pixels over through shared-memory slots (``engine.data.shm``), a ``Sample``'s
+through ``sample_to_wire`` and another item's (a preference pair's) through its ``to_wire``. With
 ``prefetch`` the share of the next step is requested as soon as a step is handed out, so it loads
 while the step computes. Per step the batch counts its work: samples tokenised, images and
 tiles decoded, and the seconds the step waited for data.
@@ -23,7 +24,7 @@ import os
 import signal
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,16 +70,37 @@ def _load(dataset: Any, index: int, tiles: Optional[tuple[int, ...]]) -> LoadRes
     return dataset.try_load(index) if tiles is None else dataset.try_load(index, tiles)
 
 
+def sample_to_wire(s: Sample, pixels: Callable[[np.ndarray], Any]) -> tuple:
+    """A ``Sample`` as plain arrays for a worker's pipe; ``pixels(array)``: what travels for its pixels."""
+    return (s.input_ids.numpy(), s.labels.numpy(), None if s.pixel_values is None else pixels(s.pixel_values.numpy()),
+            s.image_tiles, s.source, s.kind, s.index, s.tile_ids)
+
+
+def sample_from_wire(wire: tuple, take: Callable[[Any], torch.Tensor]) -> Sample:
+    """The ``Sample`` of ``sample_to_wire``; ``take`` turns what travelled for its pixels into a tensor."""
+    ids, labels, px, tiles, source, kind, index, tile_ids = wire
+    return Sample(torch.from_numpy(ids), torch.from_numpy(labels), None if px is None else take(px), tiles, source,
+                  kind, index, tile_ids)
+
+
+class _Wired(NamedTuple):
+    """A loaded item on its way from a worker: a ``Sample`` (``kind`` None) or an item of class ``kind``
+    with ``to_wire(pixels)`` and ``kind.from_wire(payload, take)`` (a preference pair)."""
+
+    kind: Optional[type]
+    payload: tuple
+
+
 def _worker_load(jobs: list[tuple[int, Optional[tuple[int, ...]]]]) -> list[LoadResult]:
-    """In a worker: load a chunk of samples, a ``Sample``'s tensors as arrays (pickled by value)."""
+    """In a worker: load a chunk of items, their tensors as arrays and their pixels through the slots (an
+    item of another kind without ``to_wire`` is pickled by value)."""
     out = []
     for index, tiles in jobs:
         r = _load(_DATASET, index, tiles)
         if isinstance(r.sample, Sample):
-            s = r.sample
-            r.sample = (s.input_ids.numpy(), s.labels.numpy(),
-                        None if s.pixel_values is None else _wire(s.pixel_values.numpy()), s.image_tiles, s.source,
-                        s.kind, s.index, s.tile_ids)
+            r.sample = _Wired(None, sample_to_wire(r.sample, _wire))
+        elif hasattr(r.sample, "to_wire"):
+            r.sample = _Wired(type(r.sample), r.sample.to_wire(_wire))
         if _SLOTS is not None:
             _SLOTS.release_unsent()
         out.append(r)
@@ -90,10 +112,10 @@ def _wire(a: np.ndarray) -> Any:
 
 
 def _from_worker(r: LoadResult, reader: shm.SlotReader) -> LoadResult:
-    if isinstance(r.sample, tuple):
-        ids, labels, px, tiles, source, kind, index, tile_ids = r.sample
-        r.sample = Sample(torch.from_numpy(ids), torch.from_numpy(labels), None if px is None else reader.take(px),
-                          tiles, source, kind, index, tile_ids)
+    w = r.sample
+    if isinstance(w, _Wired):
+        r.sample = sample_from_wire(w.payload, reader.take) if w.kind is None else w.kind.from_wire(w.payload,
+                                                                                                     reader.take)
     return r
 
 

@@ -2,9 +2,11 @@
 
 For each line of an annotation file (or of the text corpus) the index holds whether the record is
 usable (else its skip reason and message), its non-visual token count and the tiles of each of its
-images (dynamic tiling needs only the image's size, which its header gives). Placement and the text
-share are decided from the index alone; loading then checks that the record still has the indexed
-shape (a file changed after indexing is skipped and counted as ``stale_index``).
+images (dynamic tiling needs only the image's size, which its header gives). A preference pair is
+two sequences over the same images (chosen, rejected): its index also holds the text tokens of the
+longer one, and its token count is both sequences' (each holds the images' context tokens).
+Placement and the text share are decided from the index alone; loading then checks that the record
+still has the indexed shape (a file changed after indexing is skipped and counted as ``stale_index``).
 
 Cache: ``<annotation>.<key>.shapes.npz`` beside the annotation file (or in ``data.index_dir``), where
 ``key`` hashes the annotation file (path, size, modification time) and every setting that changes a
@@ -35,7 +37,8 @@ REASONS = ("", "missing_image", "corrupt_image", "malformed", "image_mismatch", 
 IN_PROCESS_BELOW = 4096  # records: smaller files are indexed in this process (no pool start-up)
 CHUNK = 256  # records per worker task
 
-Entry = tuple[str, int, list[int], str]  # (reason or "", text tokens, tiles per image, message)
+Entry = tuple  # (reason or "", text tokens, tiles per image, message[, a pair's longer sequence's text tokens])
+Shape = tuple[str, str, int, list[int]]  # (reason or "", message, LLM tokens, tiles per image)
 
 
 @dataclass
@@ -47,6 +50,7 @@ class ShapeTable:
     offsets: np.ndarray  # [n+1] int64 into ``image_tiles``
     image_tiles: np.ndarray  # [images] int32: tiles of each image, record by record
     messages: dict[int, str]  # line position -> why the record is unusable
+    longest: Optional[np.ndarray] = None  # [n] int32, a table of pairs only: text tokens of the longer sequence
 
     def __len__(self) -> int:
         return int(self.status.size)
@@ -57,14 +61,31 @@ class ShapeTable:
     def tiles(self, k: int) -> list[int]:
         return self.image_tiles[int(self.offsets[k]):int(self.offsets[k + 1])].tolist()
 
+    def shape(self, k: int, num_image_token: int, max_tokens: int) -> Shape:
+        """``(skip reason or "", message, LLM tokens, tiles per image)`` of record ``k``: its text tokens
+        plus the image context tokens of each of its sequences; ``too_long`` when its (longest) sequence
+        has more than ``max_tokens`` (``data.max_sample_tokens``)."""
+        if self.status[k]:
+            return self.reason(k), self.messages.get(k, ""), 0, []
+        tiles = self.tiles(k)
+        image = sum(tiles) * num_image_token
+        if self.longest is None:
+            n = longest = int(self.text_tokens[k]) + image
+        else:
+            n, longest = int(self.text_tokens[k]) + 2 * image, int(self.longest[k]) + image
+        if longest > max_tokens:
+            return "too_long", f"{longest} tokens > data.max_sample_tokens={max_tokens}", n, tiles
+        return "", "", n, tiles
+
     @classmethod
-    def from_entries(cls, entries: Sequence[Entry]) -> "ShapeTable":
+    def from_entries(cls, entries: Sequence[Entry], pairs: bool = False) -> "ShapeTable":
         status = np.asarray([REASONS.index(e[0]) for e in entries], dtype=np.int8)
         counts = np.asarray([len(e[2]) for e in entries], dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         tiles = np.asarray([t for e in entries for t in e[2]], dtype=np.int32)
+        longest = np.asarray([e[4] for e in entries], dtype=np.int32) if pairs else None
         return cls(status, np.asarray([e[1] for e in entries], dtype=np.int32), offsets, tiles,
-                   {k: e[3] for k, e in enumerate(entries) if e[0]})
+                   {k: e[3] for k, e in enumerate(entries) if e[0]}, longest)
 
 
 def file_fingerprint(path: str) -> dict:
@@ -103,22 +124,28 @@ def index_path(lines_path: str, key: str, index_dir: str = "") -> str:
 def save_table(path: str, table: ShapeTable, key: str) -> None:
     """Write atomically (a reader sees the old file, the new one, or none)."""
     tmp = f"{path}.tmp{os.getpid()}"
+    pairs = {} if table.longest is None else {"longest": table.longest}
     with open(tmp, "wb") as f:
         np.savez(f, status=table.status, text_tokens=table.text_tokens, offsets=table.offsets,
-                 image_tiles=table.image_tiles,
+                 image_tiles=table.image_tiles, **pairs,
                  meta=np.frombuffer(json.dumps({"key": key, "messages": table.messages}).encode(), dtype=np.uint8))
     os.replace(tmp, path)
 
 
-def read_table(path: str, key: str, n: int) -> ShapeTable:
-    """The cached table, or ValueError when it is not the index of ``key`` with ``n`` records."""
+def read_table(path: str, key: str, n: int, pairs: bool = False) -> ShapeTable:
+    """The cached table, or ValueError when it is not the index of ``key`` with ``n`` records (of
+    preference pairs when ``pairs``)."""
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes().decode())
+        if pairs != ("longest" in z.files):
+            raise ValueError("it is not an index of " + ("preference pairs" if pairs else "single records"))
         table = ShapeTable(z["status"], z["text_tokens"], z["offsets"], z["image_tiles"],
-                           {int(k): str(v) for k, v in meta.get("messages", {}).items()})
+                           {int(k): str(v) for k, v in meta.get("messages", {}).items()},
+                           z["longest"] if pairs else None)
     if meta.get("key") != key:
         raise ValueError(f"its key {str(meta.get('key'))[:16]} is not {key[:16]}")
-    if len(table) != n or table.text_tokens.size != n or table.offsets.size != n + 1:
+    if len(table) != n or table.text_tokens.size != n or table.offsets.size != n + 1 or (
+            pairs and table.longest.size != n):
         raise ValueError(f"it holds {len(table)} records, the file has {n}")
     if table.offsets[0] != 0 or table.offsets[-1] != table.image_tiles.size or np.any(np.diff(table.offsets) < 0):
         raise ValueError("its image offsets are inconsistent")
@@ -136,8 +163,9 @@ def _build_chunk(bounds: tuple[int, int], entry: Optional[Callable[[int], Entry]
     return [entry(k) for k in range(*bounds)]
 
 
-def build_table(n: int, entry: Callable[[int], Entry], workers: int, label: str) -> ShapeTable:
-    """Entries ``entry(0..n-1)`` in ``workers`` forked processes (in this one when few or ``workers`` is 0)."""
+def build_table(n: int, entry: Callable[[int], Entry], workers: int, label: str, pairs: bool = False) -> ShapeTable:
+    """Entries ``entry(0..n-1)`` in ``workers`` forked processes (in this one when few or ``workers`` is 0);
+    ``pairs``: entries of preference pairs (with their longer sequence's text tokens)."""
     global _BUILD
     t0 = time.perf_counter()
     chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
@@ -161,24 +189,24 @@ def build_table(n: int, entry: Callable[[int], Entry], workers: int, label: str)
         bar.close()
     log.info("shape index %s: %d records in %.1f s (%d worker processes)", label, n, time.perf_counter() - t0,
              workers if n >= IN_PROCESS_BELOW else 0)
-    return ShapeTable.from_entries(entries)
+    return ShapeTable.from_entries(entries, pairs)
 
 
 def load_or_build(lines_path: str, n: int, settings: dict, entry: Callable[[int], Entry], workers: int = 0,
-                  index_dir: str = "") -> ShapeTable:
-    """The index of a line file of ``n`` records: from its cache when valid, else built (and cached
-    when the folder is writable)."""
+                  index_dir: str = "", pairs: bool = False) -> ShapeTable:
+    """The index of a line file of ``n`` records (preference pairs when ``pairs``): from its cache when
+    valid, else built (and cached when the folder is writable)."""
     key = index_key(lines_path, settings)
     path = index_path(lines_path, key, index_dir)
     if os.path.exists(path):
         try:
-            return read_table(path, key, n)
+            return read_table(path, key, n, pairs)
         except Exception as e:  # any damage: rebuild
             log.warning("shape index %s is unusable (%s): rebuilding it", path, e)
     else:
         log.warning("no shape index %s (first use of this file with these settings, or it was removed): "
                     "building it", path)
-    table = build_table(n, entry, workers, os.path.basename(lines_path))
+    table = build_table(n, entry, workers, os.path.basename(lines_path), pairs)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_table(path, table, key)

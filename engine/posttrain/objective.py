@@ -92,7 +92,7 @@ class MPO(Objective):
     def reference_logps(self, batch, runner) -> torch.Tensor:
         """``[pairs, 2]`` float64 (chosen, rejected) reference log-probs of ``batch``, on every rank."""
         if self.store is not None:
-            return self.store.lookup(batch.samples() if hasattr(batch, "samples") else batch)
+            return self.store.lookup(batch.indices if hasattr(batch, "indices") else [p.index for p in batch])
         if self.reference is None:
             raise RuntimeError("posttrain.mpo.reference=precomputed but no reference store was set")
         return runner.forward_only(batch, self.score, 2, model=self.reference)

@@ -4,7 +4,9 @@ take their image features from one ViT pass over the pair's tiles.
 Sequences are packed in the order ``chosen_0, rejected_0, chosen_1, ...`` (first-fit rows, as
 ``engine.data.packing``). The ViT runs on the tiles of the pairs in pair order;
 ``feature_index`` maps those rows to the order in which the packed batch consumes them (every
-pair's tiles twice), so the gradient of both responses flows into one ViT pass.
+pair's tiles twice), so the gradient of both responses flows into one ViT pass. Packing needs a pair's
+tokens and tile counts only: its pixels (all, some or none of its tiles on this rank) reach the
+LLM through the ViT and its exchange.
 """
 
 from __future__ import annotations
@@ -43,8 +45,9 @@ class PairMicrobatch:
 
 
 def _light(s: Sample) -> Sample:
-    """The sample with its tile count but no pixels."""
-    return dataclasses.replace(s, pixel_values=None if s.pixel_values is None else s.pixel_values[:, :0])
+    """The sample with its tile count but no pixels (a rank may hold some, or none, of a pair's tiles:
+    the count comes from its images, ``image_tiles``)."""
+    return dataclasses.replace(s, pixel_values=torch.empty(s.num_tiles, 0) if s.num_tiles else None, tile_ids=None)
 
 
 def lm_weight_total(pairs: Sequence[PreferencePair], loss_reduction: str) -> float:

@@ -6,32 +6,45 @@ the user turn, the response as the assistant turn, supervised) that share one se
 tiles, so the ViT encodes each image once per pair. The global order and skip accounting are
 those of ``engine.data.dataset``: bad records are skipped, counted by reason and logged with
 file:line; ``StepLoader`` serves the pairs of each step.
+
+Shapes come from a shape index of each annotation file (``engine.data.shape_index``, built once and
+cached beside the data, as for pre-training): a pair's tokens are its two sequences' (chosen +
+rejected), its tiles the shared images'. A pair the index marks bad (malformed line, missing or
+empty fields, identical responses, missing or unreadable image headers, a sequence over
+``data.max_sample_tokens``) is skipped without being read, and one whose record or image changed
+since indexing is skipped as ``stale_index``. ``try_load(i, tiles)`` loads the tokens of a pair and
+only the pixel tiles asked for (augmentation draws stay those of the whole pair, so any split of its
+tiles gives the same pixels); the pair's ``tile_ids`` then names the rows of its ``pixel_values``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 import threading
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from engine.config import DataConfig, ModelConfig
+from engine.data import shape_index
 from engine.data.batch import Sample
 from engine.data.conversation import ConversationError, tokenize_conversation
-from engine.data.dataset import (Annotation, BadSample, DataError, LineFile, LoadResult, _decode_image, _image_size,
-                                 _no_augment, _repeat_pool, load_meta, log)
+from engine.data.dataset import (Annotation, BadSample, DataError, LineFile, LoadResult, _image_size, _repeat_pool,
+                                 check_indexed, index_settings, load_meta, load_pixels, log)
 from engine.data.images import ImageProcessor
-from engine.data.seeding import sample_random, sample_seed
+from engine.data.loader import sample_from_wire, sample_to_wire
+from engine.data.seeding import sample_seed
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 
 @dataclass
 class PreferencePair:
-    """A chosen and a rejected conversation over the same prompt and image tiles."""
+    """A chosen and a rejected conversation over the same prompt and image tiles (one pixel tensor)."""
 
     chosen: Sample
     rejected: Sample
@@ -48,16 +61,46 @@ class PreferencePair:
 
     @property
     def num_tiles(self) -> int:
+        """Tiles of the pair's images (whether or not ``pixel_values`` holds them all)."""
         return self.chosen.num_tiles
 
     @property
-    def tile_ids(self) -> None:
-        """A pair is always loaded whole (all its tiles), as a ``Sample`` with ``tile_ids=None``."""
-        return None
+    def tile_ids(self) -> Optional[list[int]]:
+        """The tiles ``pixel_values`` holds (None: all, in order), as ``Sample.tile_ids``."""
+        return self.chosen.tile_ids
 
     @property
     def num_tokens(self) -> int:
         return self.chosen.num_tokens + self.rejected.num_tokens
+
+    def to_wire(self, pixels: Callable[[np.ndarray], Any]) -> tuple:
+        """The pair as plain arrays for a loader worker's pipe (``engine.data.loader``); ``pixels`` says how
+        its pixel array travels (once, for both sequences)."""
+        px = self.pixel_values
+        bare = [sample_to_wire(dataclasses.replace(s, pixel_values=None), pixels) for s in (self.chosen, self.rejected)]
+        return (*bare, None if px is None else pixels(px.numpy()), self.index, self.source)
+
+    @classmethod
+    def from_wire(cls, wire: tuple, take: Callable[[Any], torch.Tensor]) -> "PreferencePair":
+        """The pair ``to_wire`` sent; ``take`` turns its pixels' wire form into a tensor."""
+        chosen, rejected, px, index, source = wire
+        pixel_values = None if px is None else take(px)
+        both = [dataclasses.replace(sample_from_wire(w, take), pixel_values=pixel_values) for w in (chosen, rejected)]
+        return cls(*both, index, source)
+
+
+@dataclass
+class _Prepared:
+    """A pair's two token sequences ``(ids, labels)`` and its images' paths and tiles (no pixels)."""
+
+    chosen: tuple[list[int], list[int]]
+    rejected: tuple[list[int], list[int]]
+    image_paths: list[str] = field(default_factory=list)
+    image_tiles: list[int] = field(default_factory=list)
+
+    @property
+    def lengths(self) -> tuple[int, int]:
+        return len(self.chosen[0]), len(self.rejected[0])
 
 
 def load_annotations(path: str) -> list[Annotation]:
@@ -89,7 +132,8 @@ def parse_images(rec: dict) -> list[str]:
 
 class PreferenceDataset:
     """Preference pairs in a seeded, epoch-reshuffled, infinite global order (``repeat_time`` honoured).
-    ``try_load(i)`` returns a ``LoadResult`` whose ``sample`` is a ``PreferencePair`` or None."""
+    ``shape(i)`` comes from the shape index; ``try_load(i, tiles)`` returns a ``LoadResult`` whose
+    ``sample`` is a ``PreferencePair`` or None."""
 
     def __init__(self, path: str, data: DataConfig, model: ModelConfig, seed: int,
                  tokenizer: Optional[Tokenizer] = None) -> None:
@@ -112,7 +156,20 @@ class PreferenceDataset:
         self.stats: dict[str, int] = {}
         self._perms: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
+        self.allocate = functools.partial(np.empty, dtype=np.float32)  # where pixels are made (shape -> array)
+        self.tables = self._shape_tables(int(data.index_workers), data.index_dir)
         log.info("preference data: %d pairs/epoch from %d annotations", self.src.size, len(self.annotations))
+
+    def _shape_tables(self, workers: int, index_dir: str) -> list[shape_index.ShapeTable]:
+        """The shape index of every annotation file (cached or built)."""
+        workers = min(workers, os.cpu_count() or 1)
+        out = []
+        for a, ann in enumerate(self.annotations):
+            settings = index_settings("preference", self.tokenizer, self.processor, self.system_prompt,
+                                      self.num_image_token, ann.root)
+            out.append(shape_index.load_or_build(ann.lines.path, len(ann.lines), settings,
+                                                 functools.partial(self._entry, a), workers, index_dir, pairs=True))
+        return out
 
     def __len__(self) -> int:
         return int(self.src.size)
@@ -132,14 +189,17 @@ class PreferenceDataset:
         j = int(perm[r])
         return int(self.src[j]), int(self.line[j])
 
-    def _tokenize(self, question: str, answer: str, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-        ids, labels = tokenize_conversation(conv, self.tokenizer, tiles, self.num_image_token, self.system_prompt)
-        if len(ids) > self.max_sample_tokens:
-            raise BadSample("too_long", f"{len(ids)} tokens > data.max_sample_tokens={self.max_sample_tokens}")
-        return torch.tensor(ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64)
+    def source(self, i: int) -> str:
+        """``file:line`` of global index ``i``."""
+        a, line = self.locate(i)
+        return self.annotations[a].lines.source(line)
 
-    def _load(self, i: int, a: int, line: int, source: str) -> PreferencePair:
+    def _tokenize(self, question: str, answer: str, tiles: list[int]) -> tuple[list[int], list[int]]:
+        conv = [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+        return tokenize_conversation(conv, self.tokenizer, tiles, self.num_image_token, self.system_prompt)
+
+    def _prepare(self, a: int, line: int) -> _Prepared:
+        """Tokens and image headers of one record; raises BadSample. Reads no pixels."""
         ann = self.annotations[a]
         try:
             rec: Any = json.loads(ann.lines.read(line))
@@ -153,30 +213,51 @@ class PreferenceDataset:
         paths = [os.path.join(ann.root, p) for p in parse_images(rec)]
         tiles = [self.processor.num_tiles(*_image_size(p)) for p in paths]
         try:
-            c_ids, c_labels = self._tokenize(question, chosen, tiles)
-            r_ids, r_labels = self._tokenize(question, rejected, tiles)
+            return _Prepared(self._tokenize(question, chosen, tiles), self._tokenize(question, rejected, tiles), paths,
+                             tiles)
         except ConversationError as e:
             raise BadSample(e.reason, str(e)) from None
-        pixel_values = None
-        if paths:
-            augment = ann.data_augment and self.processor.jpeg_aug_prob > 0
-            rng = sample_random(self.seed, i, "image") if augment else None
-            processor = self.processor if augment else _no_augment(self.processor)
-            chunks = [processor.tiles(_decode_image(p), rng) for p in paths]
-            for p, t, n in zip(paths, chunks, tiles):
-                if t.shape[0] != n:
-                    raise BadSample("corrupt_image", f"{p}: {t.shape[0]} tiles decoded, header said {n}")
-            pixel_values = torch.from_numpy(chunks[0] if len(chunks) == 1 else np.concatenate(chunks))
-        make = lambda ids, labels: Sample(ids, labels, pixel_values, list(tiles), source, "multimodal", int(i))  # noqa: E731
-        return PreferencePair(make(c_ids, c_labels), make(r_ids, r_labels), int(i), source)
 
-    def try_load(self, i: int) -> LoadResult:
-        a, line = self.locate(i)
-        source = self.annotations[a].lines.source(line)
+    def _entry(self, a: int, line: int) -> shape_index.Entry:
+        """The shape index entry of one record: (reason, text tokens of both sequences, tiles per image,
+        message, text tokens of the longer sequence). Reads its line and image headers."""
         try:
-            return LoadResult(i, self._load(i, a, line, source), source)
+            p = self._prepare(a, line)
         except BadSample as e:
-            return LoadResult(i, None, source, e.reason, e.message)
+            return e.reason, 0, [], e.message, 0
+        image = sum(p.image_tiles) * self.num_image_token
+        return "", sum(p.lengths) - 2 * image, list(p.image_tiles), "", max(p.lengths) - image
+
+    def shape(self, i: int) -> shape_index.Shape:
+        """``(skip reason or "", message, LLM tokens of both sequences, tiles per image)`` of global index
+        ``i`` from the shape index alone (a pair with a sequence over ``data.max_sample_tokens`` is ``too_long``)."""
+        a, line = self.locate(i)
+        return self.tables[a].shape(line, self.num_image_token, self.max_sample_tokens)
+
+    def try_load(self, i: int, tiles: Optional[Sequence[int]] = None) -> LoadResult:
+        """Load global index ``i``; a bad pair gives ``sample=None`` and its reason (not counted).
+        ``tiles``: the pair's tile numbers whose pixels to decode (None: all; empty: tokens only)."""
+        a, line = self.locate(i)
+        ann = self.annotations[a]
+        source = ann.lines.source(line)
+        reason, message, indexed_tokens, indexed = self.tables[a].shape(line, self.num_image_token,
+                                                                        self.max_sample_tokens)
+        if reason:
+            return LoadResult(i, None, source, reason, message)
+        decoded = [0, 0]
+        try:
+            p = self._prepare(a, line)
+            check_indexed(sum(p.lengths), max(p.lengths), p.image_tiles, self.max_sample_tokens, indexed_tokens,
+                          indexed)
+            pixel_values, tile_ids = load_pixels(self.processor, ann.data_augment, self.seed, i, p.image_paths,
+                                                 p.image_tiles, tiles, self.allocate, decoded)
+        except BadSample as e:
+            return LoadResult(i, None, source, e.reason, e.message, decoded[0], decoded[1])
+        chosen, rejected = (Sample(torch.tensor(ids, dtype=torch.int64), torch.tensor(labels, dtype=torch.int64),
+                                   pixel_values, list(p.image_tiles), source, "multimodal", int(i), tile_ids)
+                            for ids, labels in (p.chosen, p.rejected))
+        return LoadResult(i, PreferencePair(chosen, rejected, int(i), source), source, images_decoded=decoded[0],
+                          tiles_decoded=decoded[1])
 
     def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
         stats = self.stats if stats is None else stats

@@ -1,9 +1,9 @@
 """Reference log-probs computed in a first pass (``posttrain.mpo.reference=precomputed``).
 
 Before the first step the initial policy scores every pair the run will see (steps x global
-batch, in the loader's order); the store maps each pair's global index to its (chosen,
-rejected) log-probs and is saved in the run directory, so a resumed run reuses it and no frozen
-copy of the model is kept in memory.
+batch, in the loader's order; each rank loads only its share of each step, as in training); the
+store maps each pair's global index to its (chosen, rejected) log-probs and is saved in the run
+directory, so a resumed run reuses it and no frozen copy of the model is kept in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from engine.data.loader import StepLoader
+from engine.data.loader import StepBatch, StepLoader
 
 log = logging.getLogger("engine.posttrain")
 
@@ -32,14 +32,14 @@ class ReferenceStore:
     def __len__(self) -> int:
         return len(self.row)
 
-    def lookup(self, pairs: Sequence) -> torch.Tensor:
-        """``[pairs, 2]`` float64 reference log-probs of ``pairs`` (by global index)."""
+    def lookup(self, indices: Sequence[int]) -> torch.Tensor:
+        """``[pairs, 2]`` float64 reference log-probs of the pairs with these global indices."""
         rows = []
-        for p in pairs:
-            k = self.row.get(int(p.index))
+        for i in indices:
+            k = self.row.get(int(i))
             if k is None:
-                raise KeyError(f"pair {p.index} ({p.source}) has no precomputed reference log-probs in "
-                               f"{self.path or 'the store'} (covers {self.meta.get('steps')} steps)")
+                raise KeyError(f"pair {i} has no precomputed reference log-probs in {self.path or 'the store'} "
+                               f"(covers {self.meta.get('steps')} steps)")
             rows.append(k)
         return self.logps[torch.tensor(rows, dtype=torch.long)] if rows else torch.zeros(0, 2, dtype=torch.float64)
 
@@ -65,16 +65,19 @@ class ReferenceStore:
         return cls(state["indices"], state["logps"], meta, path)
 
 
-def precompute_reference(score: Callable[[Sequence], torch.Tensor], loader: StepLoader, steps: int,
+def precompute_reference(score: Callable[[StepBatch | Sequence], torch.Tensor], loader: StepLoader, steps: int,
                          meta: dict) -> ReferenceStore:
     """Score the pairs of steps ``0 .. steps-1`` with ``score(pairs) -> [pairs, 2]`` (the initial
-    policy, no gradients). ``loader`` is a fresh loader over the training data."""
+    policy, no gradients: the runner's ``forward_only``). ``loader`` is a fresh loader over the training
+    data. With a shape index (``PreferenceDataset``) a step comes as a ``StepBatch`` of which each rank
+    loads only its share (the runner drops the pairs no rank could load before scoring them); otherwise
+    every rank loads whole steps."""
     indices, logps = [], []
     for step in range(steps):
-        pairs = loader.next_step()
-        if pairs:
-            logps.append(score(pairs).double().cpu())
-            indices.extend(p.index for p in pairs)
+        batch = loader.next_batch() if hasattr(loader.dataset, "shape") else loader.next_step()
+        if len(batch):
+            logps.append(score(batch).double().cpu())
+            indices.extend(batch.indices if isinstance(batch, StepBatch) else [p.index for p in batch])
         if (step + 1) % 100 == 0:
             log.info("reference log-probs: %d/%d steps", step + 1, steps)
     values = torch.cat(logps) if logps else torch.zeros(0, 2, dtype=torch.float64)
