@@ -18,7 +18,7 @@ import sys
 import numpy as np
 import pytest
 
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -161,11 +161,13 @@ def runs(skewed, tmp_path_factory):
     layouts = {"naive": ["parallel.llm.tp=2"],
                "balanced": ["parallel.llm.tp=2", "balance.enabled=true"],
                "balanced_pp": ["parallel.llm.pp=2", "parallel.vit.tp=2", "balance.enabled=true"]}
-    out = {}
-    for name, extra in layouts.items():
-        run_dir = str(tmp_path_factory.mktemp(name) / "run")
-        out[name] = (run_distributed(train, 4, overrides(skewed, run_dir, extra), timeout=300), run_dir)
-    return out
+    dirs = {name: str(tmp_path_factory.mktemp(name) / "run") for name in layouts}
+    jobs = {name: (train, (overrides(skewed, dirs[name], extra),)) for name, extra in layouts.items()}
+    ranks = run_distributed(run_jobs, 4, jobs, timeout=600)  # one spawn, the layouts in turn
+    for r in ranks:
+        for name, res in r.items():
+            assert "error" not in res, f"{name}: {res.get('error')}"
+    return {name: ([r[name] for r in ranks], dirs[name]) for name in layouts}
 
 
 @pytest.mark.parametrize("name", ["balanced", "balanced_pp"])

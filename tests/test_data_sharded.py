@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import tiny_overrides
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 10
@@ -82,11 +82,14 @@ def runs(data, tmp_path_factory) -> dict:
     layouts = {"one": (1, []),
                "naive": (4, ["parallel.llm.tp=2"]),
                "balanced": (4, ["parallel.llm.tp=2", "balance.enabled=true", "data.num_workers=1"])}
-    out = {}
-    for name, (world, extra) in layouts.items():
-        run_dir = str(tmp_path_factory.mktemp(name) / "run")
-        opts = overrides(data, run_dir, extra)
-        out[name] = train(0, 1, opts) if world == 1 else run_distributed(train, world, opts, timeout=400)
+    opts = {name: overrides(data, str(tmp_path_factory.mktemp(name) / "run"), extra)
+            for name, (_, extra) in layouts.items()}
+    out = {"one": train(0, 1, opts["one"])}
+    jobs = {name: (train, (opts[name],)) for name in layouts if name != "one"}
+    ranks = run_distributed(run_jobs, 4, jobs, timeout=600)  # one spawn, the layouts in turn
+    for name in jobs:
+        assert all("error" not in r[name] for r in ranks), [r[name].get("error") for r in ranks]
+        out[name] = [r[name] for r in ranks]
     return out
 
 

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import tiny_overrides
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 from engine.config import ConfigError, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,9 +46,13 @@ def test_eval_loss_every_interval_and_the_same_under_any_layout(synthetic_data, 
     assert [r["step"] for r in rows if "eval_loss" in r] == [5, 10]
     want = [e for _, e in single if e is not None]
     assert len(want) == 2 and want[1] < want[0]  # the held-out loss falls while training
-    for k, extra in enumerate(({"parallel.llm.tp": 2}, {"parallel.llm.pp": 2, "parallel.llm.microbatches": 2})):
-        ranks = run_distributed(_train, 2, _opts(synthetic_data, heldout, str(tmp_path / f"layout{k}"), extra))
-        for got in ranks:
+    layouts = ({"parallel.llm.tp": 2}, {"parallel.llm.pp": 2, "parallel.llm.microbatches": 2})
+    jobs = {k: (_train, (_opts(synthetic_data, heldout, str(tmp_path / f"layout{k}"), extra),))
+            for k, extra in enumerate(layouts)}
+    results = run_distributed(run_jobs, 2, jobs, timeout=300)  # one spawn, the layouts in turn
+    for k, extra in enumerate(layouts):
+        for got in (r[k] for r in results):
+            assert isinstance(got, list), got  # a failed run returns {"error": traceback}
             evals = [e for _, e in got if e is not None]
             assert len(evals) == 2, extra
             print(f"{extra}: eval losses {evals}, one process {want}, worst relative difference "

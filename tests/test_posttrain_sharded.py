@@ -22,7 +22,7 @@ import os
 import pytest
 from PIL import Image
 
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 from test_preference_index import copy_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,11 +95,22 @@ def one(data, tmp_path_factory) -> dict:
     return train(0, 1, overrides(data, str(tmp_path_factory.mktemp("one") / "run"), {}))
 
 
-@pytest.fixture(scope="module", params=list(LAYOUTS))
-def ranks(request, data, tmp_path_factory) -> tuple[str, list[dict]]:
+@pytest.fixture(scope="module")
+def two_rank_runs(data, tmp_path_factory) -> dict[str, list[dict]]:
+    """Every layout's 2-rank run (every rank's record), in one spawn."""
+    jobs = {name: (train, (overrides(data, str(tmp_path_factory.mktemp(name) / "run"), extra),))
+            for name, extra in LAYOUTS.items()}
+    ranks = run_distributed(run_jobs, 2, jobs, timeout=600)
+    for r in ranks:
+        for name, res in r.items():
+            assert "error" not in res, f"{name}: {res.get('error')}"
+    return {name: [r[name] for r in ranks] for name in LAYOUTS}
+
+
+@pytest.fixture(params=list(LAYOUTS))
+def ranks(request, two_rank_runs) -> tuple[str, list[dict]]:
     """(layout, every rank's record) of a 2-rank run."""
-    opts = overrides(data, str(tmp_path_factory.mktemp(request.param) / "run"), LAYOUTS[request.param])
-    return request.param, run_distributed(train, 2, opts, timeout=300)
+    return request.param, two_rank_runs[request.param]
 
 
 def relative(a: float, b: float) -> float:
