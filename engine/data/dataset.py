@@ -201,7 +201,29 @@ def _repeat_pool(annotations: list[Annotation], seed: int) -> tuple[np.ndarray, 
     return np.concatenate(srcs), np.concatenate(lines)
 
 
-class InternVLDataset:
+class CountedSkips:
+    """``load`` and ``record_skip`` over a data set's ``try_load``: a bad item is counted by reason in
+    ``stats`` and logged with file:line (``item`` names it in the log)."""
+
+    item = "sample"
+    stats: dict[str, int]
+
+    def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
+        """Count a skipped item in ``stats`` (default ``self.stats``) and log it with file:line."""
+        stats = self.stats if stats is None else stats
+        stats[result.reason] = stats.get(result.reason, 0) + 1
+        log.warning("%s: skipped %s %d (%s): %s", result.source, self.item, result.index, result.reason,
+                    result.message)
+
+    def load(self, i: int):
+        """The item at global index ``i``, or None (counted in ``stats`` and logged) when it is bad."""
+        r = self.try_load(i)
+        if r.sample is None:
+            self.record_skip(r)
+        return r.sample
+
+
+class InternVLDataset(CountedSkips):
     """Multimodal conversations (meta JSON) mixed with a text corpus; see the module docstring.
 
     ``seed`` fixes the order and every per-sample random draw; ``tokenizer`` defaults to
@@ -446,19 +468,6 @@ class InternVLDataset:
             return LoadResult(i, sample, source, images_decoded=decoded[0], tiles_decoded=decoded[1])
         except BadSample as e:
             return LoadResult(i, None, source, e.reason, e.message, decoded[0], decoded[1])
-
-    def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
-        """Count a skipped sample in ``stats`` (default ``self.stats``) and log it with file:line."""
-        stats = self.stats if stats is None else stats
-        stats[result.reason] = stats.get(result.reason, 0) + 1
-        log.warning("%s: skipped sample %d (%s): %s", result.source, result.index, result.reason, result.message)
-
-    def load(self, i: int) -> Optional[Sample]:
-        """The sample at global index ``i``, or None (counted in ``stats`` and logged) when it is bad."""
-        r = self.try_load(i)
-        if r.sample is None:
-            self.record_skip(r)
-        return r.sample
 
     def __getitem__(self, i: int) -> Optional[Sample]:
         return self.load(i)

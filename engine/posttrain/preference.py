@@ -34,8 +34,8 @@ from engine.config import DataConfig, ModelConfig
 from engine.data import shape_index
 from engine.data.batch import Sample
 from engine.data.conversation import ConversationError, tokenize_conversation
-from engine.data.dataset import (Annotation, BadSample, DataError, LineFile, LoadResult, _image_size, _repeat_pool,
-                                 check_indexed, index_settings, load_meta, load_pixels, log)
+from engine.data.dataset import (Annotation, BadSample, CountedSkips, DataError, LineFile, LoadResult, _image_size,
+                                 _repeat_pool, check_indexed, index_settings, load_meta, load_pixels, log)
 from engine.data.images import ImageProcessor
 from engine.data.loader import sample_from_wire, sample_to_wire
 from engine.data.seeding import sample_seed
@@ -130,10 +130,12 @@ def parse_images(rec: dict) -> list[str]:
     return images
 
 
-class PreferenceDataset:
+class PreferenceDataset(CountedSkips):
     """Preference pairs in a seeded, epoch-reshuffled, infinite global order (``repeat_time`` honoured).
     ``shape(i)`` comes from the shape index; ``try_load(i, tiles)`` returns a ``LoadResult`` whose
     ``sample`` is a ``PreferencePair`` or None."""
+
+    item = "pair"
 
     def __init__(self, path: str, data: DataConfig, model: ModelConfig, seed: int,
                  tokenizer: Optional[Tokenizer] = None) -> None:
@@ -258,17 +260,6 @@ class PreferenceDataset:
                             for ids, labels in (p.chosen, p.rejected))
         return LoadResult(i, PreferencePair(chosen, rejected, int(i), source), source, images_decoded=decoded[0],
                           tiles_decoded=decoded[1])
-
-    def record_skip(self, result: LoadResult, stats: Optional[dict[str, int]] = None) -> None:
-        stats = self.stats if stats is None else stats
-        stats[result.reason] = stats.get(result.reason, 0) + 1
-        log.warning("%s: skipped pair %d (%s): %s", result.source, result.index, result.reason, result.message)
-
-    def load(self, i: int) -> Optional[PreferencePair]:
-        r = self.try_load(i)
-        if r.sample is None:
-            self.record_skip(r)
-        return r.sample
 
     def close(self) -> None:
         for ann in self.annotations:
