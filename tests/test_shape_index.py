@@ -204,3 +204,32 @@ def test_worker_processes_load_what_the_main_process_loads(synth):
                 assert (x.pixel_values is None and y.pixel_values is None) or torch.equal(x.pixel_values,
                                                                                          y.pixel_values)
     there.close()
+
+
+def test_line_offsets_are_scanned_once_and_cached(tmp_path, monkeypatch, caplog):
+    """Only the first reader of an annotation file scans it; a changed file or a damaged cache is rescanned."""
+    from engine.data.dataset import LineFile
+
+    path = tmp_path / "ann.jsonl"
+    path.write_text('{"a": 1}\n\n{"b": 22}\n{"c": 333}\n')
+    scans = []
+    scan = shape_index.scan_lines
+    monkeypatch.setattr(shape_index, "scan_lines", lambda p: scans.append(p) or scan(p))
+    first = LineFile(str(path))
+    assert [first.read(k) for k in range(len(first))] == [b'{"a": 1}\n', b'{"b": 22}\n', b'{"c": 333}\n']
+    assert first.source(1).endswith("ann.jsonl:3") and len(scans) == 1
+    again = LineFile(str(path))  # another rank: reads the cache
+    assert len(scans) == 1 and np.array_equal(again.starts, first.starts) and again.source(2) == first.source(2)
+    [cache] = glob.glob(str(tmp_path / "ann.jsonl.*.lines.npz"))
+
+    path.write_text('{"a": 1}\n{"z": 0}\n')  # changed file: another key, rescanned
+    assert [LineFile(str(path)).read(k) for k in range(2)] == [b'{"a": 1}\n', b'{"z": 0}\n'] and len(scans) == 2
+
+    other = tmp_path / "other.jsonl"  # a cache that is another file's: rescanned with a warning
+    other.write_text('{"x": 1}\n')
+    LineFile(str(other))
+    [mine] = glob.glob(str(tmp_path / "other.jsonl.*.lines.npz"))
+    os.replace(cache, mine)
+    with caplog.at_level(logging.WARNING, logger="engine.data"):
+        assert LineFile(str(other)).read(0) == b'{"x": 1}\n'
+    assert len(scans) == 4 and "line index" in caplog.text and "unusable" in caplog.text

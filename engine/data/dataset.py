@@ -79,20 +79,11 @@ class LoadResult:
 class LineFile:
     """Non-blank lines of a text file, by position, read with ``pread`` (thread-safe)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, index_dir: str = "") -> None:
+        """Offsets from the cached line index (``shape_index.line_offsets``; ``index_dir`` as
+        ``data.index_dir``), scanned on first use."""
         self.path = path
-        starts, ends, numbers = [], [], []
-        pos = 0
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                if line.strip():
-                    starts.append(pos)
-                    ends.append(pos + len(line))
-                    numbers.append(number)
-                pos += len(line)
-        self.starts = np.asarray(starts, dtype=np.int64)
-        self.ends = np.asarray(ends, dtype=np.int64)
-        self.numbers = np.asarray(numbers, dtype=np.int64)
+        self.starts, self.ends, self.numbers = shape_index.line_offsets(path, index_dir)
         self._fd: Optional[int] = os.open(path, os.O_RDONLY)
 
     def __len__(self) -> int:
@@ -146,8 +137,9 @@ def _resolve(path: str, base_dir: str) -> str:
     return beside if os.path.exists(beside) or not os.path.exists(path) else path
 
 
-def load_meta(meta_path: str) -> list[Annotation]:
-    """Parse InternVL's meta JSON ``{name: {root, annotation, repeat_time, ...}}``."""
+def load_meta(meta_path: str, index_dir: str = "") -> list[Annotation]:
+    """Parse InternVL's meta JSON ``{name: {root, annotation, repeat_time, ...}}`` (line indexes of the
+    annotation files cached in ``index_dir``, "": beside them)."""
     if not os.path.isfile(meta_path):
         raise FileNotFoundError(f"data.meta_path={meta_path!r}: meta file not found")
     try:
@@ -174,7 +166,7 @@ def load_meta(meta_path: str) -> list[Annotation]:
         annotation = _resolve(entry["annotation"], base)
         if not os.path.isfile(annotation):
             raise FileNotFoundError(f"{meta_path}: entry {name!r}: annotation file not found: {annotation}")
-        lines = LineFile(annotation)
+        lines = LineFile(annotation, index_dir)
         if len(lines) == 0:
             log.warning("%s: entry %r: annotation %s has no records", meta_path, name, annotation)
         out.append(Annotation(name, root, lines, float(repeat), bool(entry.get("data_augment", True))))
@@ -242,13 +234,13 @@ class InternVLDataset(CountedSkips):
         self.system_prompt: Optional[str] = getattr(data, "system_prompt", None)
         self.processor = ImageProcessor(model.vision.image_size, data.min_dynamic_patch, data.max_dynamic_patch,
                                         data.use_thumbnail, data.jpeg_aug_prob)
-        self.annotations = load_meta(data.meta_path) if data.meta_path else []
+        self.annotations = load_meta(data.meta_path, data.index_dir) if data.meta_path else []
         self.mm_src, self.mm_line = _repeat_pool(self.annotations, self.seed)
         self.text: Optional[LineFile] = None
         if data.text_corpus:
             if not os.path.isfile(data.text_corpus):
                 raise FileNotFoundError(f"data.text_corpus={data.text_corpus!r}: file not found")
-            self.text = LineFile(data.text_corpus)
+            self.text = LineFile(data.text_corpus, data.index_dir)
         if self.mm_src.size == 0 and self.num_text_docs == 0:
             raise DataError(f"no samples: data.meta_path={data.meta_path!r} and "
                             f"data.text_corpus={data.text_corpus!r} hold no records")

@@ -14,6 +14,9 @@ record's shape: the tokenizer's files, the chat template and system prompt, the 
 image size, ``min/max_dynamic_patch``, the thumbnail and the tokens per tile. A changed file or
 setting gives another key, so the index is rebuilt; a missing, unreadable or inconsistent cache
 file is (re)built with a warning, never trusted. The build runs in ``workers`` processes with a progress bar.
+
+Line index: the byte offsets of every record of a line file, cached the same way (``line_offsets``), so
+that only the first reader scans a large annotation file; every other rank reads the offsets.
 """
 
 from __future__ import annotations
@@ -152,6 +155,57 @@ def read_table(path: str, key: str, n: int, pairs: bool = False) -> ShapeTable:
     if table.status.min(initial=0) < 0 or table.status.max(initial=0) >= len(REASONS):
         raise ValueError("it has unknown status codes")
     return table
+
+
+LINES_FORMAT = "engine-line-index-1"
+
+
+def scan_lines(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(start byte, end byte, 1-based line number) of every non-blank line of a text file: one pass."""
+    starts, ends, numbers = [], [], []
+    pos = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                starts.append(pos)
+                ends.append(pos + len(line))
+                numbers.append(number)
+            pos += len(line)
+    return (np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64),
+            np.asarray(numbers, dtype=np.int64))
+
+
+def line_offsets(path: str, index_dir: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``scan_lines(path)``, cached as ``<file>.<key>.lines.npz`` beside it (or in ``index_dir``) with
+    the file's identity (path, size, modification time) as key: the first reader (rank 0, under
+    ``leader_first``) scans the file, the others read the offsets instead of the whole file. A
+    missing, foreign or inconsistent cache is rescanned (and rewritten when the folder is writable)."""
+    fingerprint = file_fingerprint(path)
+    key = hashlib.sha256(json.dumps({"format": LINES_FORMAT, "file": fingerprint}, sort_keys=True).encode()).hexdigest()
+    cache = os.path.join(index_dir or os.path.dirname(os.path.abspath(path)),
+                         f"{os.path.basename(path)}.{key[:16]}.lines.npz")
+    if os.path.exists(cache):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                starts, ends, numbers = z["starts"], z["ends"], z["numbers"]
+                stored = z["key"].tobytes().decode()
+            if stored != key or not starts.size == ends.size == numbers.size:
+                raise ValueError("it is the line index of another file")
+            if starts.size and (np.any(ends <= starts) or np.any(starts[1:] < ends[:-1])
+                                or int(ends[-1]) > fingerprint["size"]):
+                raise ValueError("its offsets are inconsistent")
+            return starts, ends, numbers
+        except Exception as e:  # any damage: rescan
+            log.warning("line index %s is unusable (%s): rescanning %s", cache, e, path)
+    starts, ends, numbers = scan_lines(path)
+    tmp = f"{cache}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, starts=starts, ends=ends, numbers=numbers, key=np.frombuffer(key.encode(), dtype=np.uint8))
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.info("line index of %s not cached (%s)", path, e)
+    return starts, ends, numbers
 
 
 _BUILD: Optional[Callable[[int], Entry]] = None  # the entry function of the pool being built (inherited by fork)

@@ -103,13 +103,13 @@ class _Prepared:
         return len(self.chosen[0]), len(self.rejected[0])
 
 
-def load_annotations(path: str) -> list[Annotation]:
+def load_annotations(path: str, index_dir: str = "") -> list[Annotation]:
     """Annotations of a meta JSON, or a single JSONL file whose images live beside it."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"preference data {path!r}: file not found")
     if path.endswith(".jsonl"):
-        return [Annotation(os.path.basename(path), os.path.dirname(os.path.abspath(path)), LineFile(path))]
-    return load_meta(path)
+        return [Annotation(os.path.basename(path), os.path.dirname(os.path.abspath(path)), LineFile(path, index_dir))]
+    return load_meta(path, index_dir)
 
 
 def _text(rec: dict, key: str) -> str:
@@ -151,7 +151,7 @@ class PreferenceDataset(CountedSkips):
         self.system_prompt: Optional[str] = data.system_prompt
         self.processor = ImageProcessor(model.vision.image_size, data.min_dynamic_patch, data.max_dynamic_patch,
                                         data.use_thumbnail, data.jpeg_aug_prob)
-        self.annotations = load_annotations(path)
+        self.annotations = load_annotations(path, data.index_dir)
         self.src, self.line = _repeat_pool(self.annotations, self.seed)
         if self.src.size == 0:
             raise DataError(f"posttrain.data={path!r} holds no preference records")
