@@ -152,7 +152,7 @@ def _meta_entries(meta_path: str) -> tuple[list[tuple[str, str]], int, list[str]
     """``([(root, annotation file)], records, problems)`` of a meta JSON. ``load_meta`` validates
     the whole file but stops at its first problem; after a missing root or annotation file the
     other entries are still looked at, so that every missing path is listed at once."""
-    from engine.data.dataset import DataError, LineFile, _resolve, load_meta
+    from engine.data.dataset import DataError, LineFile, resolve_path, load_meta
 
     try:
         annotations = load_meta(meta_path)
@@ -178,7 +178,7 @@ def _meta_entries(meta_path: str) -> tuple[list[tuple[str, str]], int, list[str]
         if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) and entry[k]
                                                   for k in ("root", "annotation")):
             continue
-        root, annotation = _resolve(entry["root"], base), _resolve(entry["annotation"], base)
+        root, annotation = resolve_path(entry["root"], base), resolve_path(entry["annotation"], base)
         missing = [f"{meta_path}: entry {name!r}: root folder not found: {root}"] if not os.path.isdir(root) else []
         if not os.path.isfile(annotation):
             missing.append(f"{meta_path}: entry {name!r}: annotation file not found: {annotation}")
@@ -201,7 +201,7 @@ def _meta_entries(meta_path: str) -> tuple[list[tuple[str, str]], int, list[str]
 def _sample_images(root: str, annotation: str, limit: int) -> tuple[int, list[str]]:
     """Decode the images of the first ``limit`` image records of one annotation file:
     ``(images decoded, problems)``, each problem naming ``file:line`` and the image."""
-    from engine.data.dataset import BadSample, _decode_image
+    from engine.data.dataset import BadSample, decode_image
 
     decoded, records, problems = 0, 0, []
     with open(annotation, "rb") as f:
@@ -225,7 +225,7 @@ def _sample_images(root: str, annotation: str, limit: int) -> tuple[int, list[st
                                     f"got {images!r}")
                     break
                 try:
-                    _decode_image(os.path.join(root, image)).close()
+                    decode_image(os.path.join(root, image)).close()
                     decoded += 1
                 except BadSample as e:
                     problems.append(f"{annotation}:{number}: {e.message}")

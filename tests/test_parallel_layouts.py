@@ -18,7 +18,7 @@ import sys
 
 import pytest
 
-from dist_utils import run_distributed
+from dist_utils import run_distributed, run_jobs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 6
@@ -132,13 +132,35 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def layout_runs(data, reference, tmp_path_factory):
+    """Every rank's result of a layout; the layouts of one world size run in one spawn (computed lazily)."""
+    cache: dict = {}
+
+    def get(name: str) -> list[dict]:
+        world = LAYOUTS[name][0]
+        if world not in cache:
+            jobs = {}
+            for n, (w, preset, extra) in LAYOUTS.items():
+                if w == world:
+                    resume_at = 3 if "train.save_interval=3" in extra else 0
+                    run = str(tmp_path_factory.mktemp(n) / "run")
+                    jobs[n] = (train, (reference(preset)["config"], overrides(data, run, extra), resume_at))
+            ranks = run_distributed(run_jobs, world, jobs, timeout=900)
+            cache[world] = {n: [r[n] for r in ranks] for n in jobs}
+        for r in cache[world][name]:
+            assert "error" not in r, r.get("error")
+        return cache[world][name]
+
+    return get
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(name, data, reference, tmp_path):
+def test_layout_matches_single_process(name, reference, layout_runs):
     world, preset, extra = LAYOUTS[name]
     ref = reference(preset)
     resume_at = 3 if "train.save_interval=3" in extra else 0
-    ranks = run_distributed(train, world, ref["config"], overrides(data, str(tmp_path / "run"), extra), resume_at,
-                            timeout=420)
+    ranks = layout_runs(name)
     assert_same_training(ref, ranks)
     if name == "llm_hp2__vit_hp2":
         assert max(n / rows for n, rows in ranks[0]["rows"]) >= 4, "packed rows should hold several samples"

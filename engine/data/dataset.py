@@ -129,7 +129,7 @@ class _Prepared:
     image_tiles: list[int] = field(default_factory=list)
 
 
-def _resolve(path: str, base_dir: str) -> str:
+def resolve_path(path: str, base_dir: str) -> str:
     """Absolute paths as they are; relative ones against the meta file's folder, else the cwd."""
     if os.path.isabs(path):
         return path
@@ -160,10 +160,10 @@ def load_meta(meta_path: str, index_dir: str = "") -> list[Annotation]:
         repeat = entry.get("repeat_time", 1)
         if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0:
             raise DataError(f"{meta_path}: entry {name!r}: repeat_time={repeat!r} must be a positive number")
-        root = _resolve(entry["root"], base)
+        root = resolve_path(entry["root"], base)
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{meta_path}: entry {name!r}: root folder not found: {root}")
-        annotation = _resolve(entry["annotation"], base)
+        annotation = resolve_path(entry["annotation"], base)
         if not os.path.isfile(annotation):
             raise FileNotFoundError(f"{meta_path}: entry {name!r}: annotation file not found: {annotation}")
         lines = LineFile(annotation, index_dir)
@@ -173,7 +173,7 @@ def load_meta(meta_path: str, index_dir: str = "") -> list[Annotation]:
     return out
 
 
-def _repeat_pool(annotations: list[Annotation], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def repeat_pool(annotations: list[Annotation], seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(annotation index, line) of every multimodal sample in one epoch: floor(repeat_time) full
     copies plus a seeded subset for the fractional part."""
     srcs, lines = [], []
@@ -235,7 +235,7 @@ class InternVLDataset(CountedSkips):
         self.processor = ImageProcessor(model.vision.image_size, data.min_dynamic_patch, data.max_dynamic_patch,
                                         data.use_thumbnail, data.jpeg_aug_prob)
         self.annotations = load_meta(data.meta_path, data.index_dir) if data.meta_path else []
-        self.mm_src, self.mm_line = _repeat_pool(self.annotations, self.seed)
+        self.mm_src, self.mm_line = repeat_pool(self.annotations, self.seed)
         self.text: Optional[LineFile] = None
         if data.text_corpus:
             if not os.path.isfile(data.text_corpus):
@@ -400,7 +400,7 @@ class InternVLDataset(CountedSkips):
             insert_missing_placeholders(turns, len(images))
             root = self.annotations[a].root
             paths = [os.path.join(root, p) for p in images]
-            tiles = [self.processor.num_tiles(*_image_size(p)) for p in paths]
+            tiles = [self.processor.num_tiles(*image_size_of(p)) for p in paths]
             ids, labels = tokenize_conversation(rec["conversations"], self.tokenizer, tiles, self.num_image_token,
                                                 self.system_prompt)
             return _Prepared(ids, labels, paths, tiles)
@@ -471,7 +471,7 @@ class InternVLDataset(CountedSkips):
             self.text.close()
 
 
-def _image_size(path: str) -> tuple[int, int]:
+def image_size_of(path: str) -> tuple[int, int]:
     """(width, height) from the image header only."""
     if not os.path.isfile(path):
         raise BadSample("missing_image", f"image not found: {path}")
@@ -485,7 +485,7 @@ def _image_size(path: str) -> tuple[int, int]:
     return w, h
 
 
-def _decode_image(path: str) -> Image.Image:
+def decode_image(path: str) -> Image.Image:
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
@@ -556,7 +556,7 @@ def load_pixels(processor: ImageProcessor, augment: bool, seed: int, index: int,
         if not mine:
             processor.augment_plan(n, rng)  # the draws of this image's tiles, so later images get theirs
         else:
-            image = _decode_image(path)
+            image = decode_image(path)
             got = processor.num_tiles(*image.size)
             if got != n:
                 raise BadSample("corrupt_image", f"{path}: {got} tiles decoded, header said {n}")

@@ -34,8 +34,8 @@ from engine.config import DataConfig, ModelConfig
 from engine.data import shape_index
 from engine.data.batch import Sample
 from engine.data.conversation import ConversationError, tokenize_conversation
-from engine.data.dataset import (Annotation, BadSample, CountedSkips, DataError, LineFile, LoadResult, _image_size,
-                                 _repeat_pool, check_indexed, index_settings, load_meta, load_pixels, log)
+from engine.data.dataset import (Annotation, BadSample, CountedSkips, DataError, LineFile, LoadResult, image_size_of,
+                                 repeat_pool, check_indexed, index_settings, load_meta, load_pixels, log)
 from engine.data.images import ImageProcessor
 from engine.data.loader import sample_from_wire, sample_to_wire
 from engine.data.seeding import sample_seed
@@ -152,7 +152,7 @@ class PreferenceDataset(CountedSkips):
         self.processor = ImageProcessor(model.vision.image_size, data.min_dynamic_patch, data.max_dynamic_patch,
                                         data.use_thumbnail, data.jpeg_aug_prob)
         self.annotations = load_annotations(path, data.index_dir)
-        self.src, self.line = _repeat_pool(self.annotations, self.seed)
+        self.src, self.line = repeat_pool(self.annotations, self.seed)
         if self.src.size == 0:
             raise DataError(f"posttrain.data={path!r} holds no preference records")
         self.stats: dict[str, int] = {}
@@ -213,7 +213,7 @@ class PreferenceDataset(CountedSkips):
         if chosen == rejected:
             raise BadSample("malformed", "'chosen' and 'rejected' are identical")
         paths = [os.path.join(ann.root, p) for p in parse_images(rec)]
-        tiles = [self.processor.num_tiles(*_image_size(p)) for p in paths]
+        tiles = [self.processor.num_tiles(*image_size_of(p)) for p in paths]
         try:
             return _Prepared(self._tokenize(question, chosen, tiles), self._tokenize(question, rejected, tiles), paths,
                              tiles)
