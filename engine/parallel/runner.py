@@ -364,6 +364,7 @@ class ParallelRunner:
         placement, _, items, packed, order = self._pack_step(batch)
         plan, pixels = self._exchange_plan(batch, placement, order, items)
         autocast = functools.partial(autocast_context, self.device, self.autocast_dtype)
+        self.watchdog.enter("forward-only pass (ViT, exchange, pipeline)", collective=True)
         feats = self.exchange.forward(self._vit_forward(model, pixels, autocast, grad=False), plan)
         mbs = self._microbatches(packed, feats, plan, layout)
         lm, llm = model.language_model, self.topo.llm
