@@ -80,3 +80,18 @@ def seed(request) -> int:
     print(f"random seed {s} (override with KERNELS_TEST_SEED=N)")
     torch.manual_seed(s)
     return s
+
+
+def zero_as_rank(model, rank: int, world: int):
+    """``(ZeroAdamW, its flat shard, its master slice)`` over ``model`` as rank ``rank`` of ``world``
+    data-parallel ranks would hold them, in one process (the slice bounds are set by hand; the master
+    slice still holds this process's flattening: tests overwrite it)."""
+    from engine.parallel.data_parallel import ZeroAdamW
+
+    opt = ZeroAdamW([{"params": list(model.parameters()), "weight_decay": 0.0, "dp_group": None}], 1e-3,
+                    (0.9, 0.999), 1e-8)
+    shard = opt.shards[0]
+    shard.padded = -(-shard.numel // world) * world
+    chunk = shard.padded // world
+    shard.start, shard.end = rank * chunk, rank * chunk + chunk
+    return opt, shard, opt.param_groups[0]["params"][0]

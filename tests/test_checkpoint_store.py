@@ -79,15 +79,9 @@ def _model(seed: int) -> torch.nn.Module:
 def _zero_rank(model, rank: int, world: int, fill: dict[str, torch.Tensor]):
     """A ZeroAdamW as rank ``rank`` of ``world`` data-parallel ranks would hold it (one process:
     the slice bounds are set by hand), its state cut from the full flat vectors ``fill``."""
-    from engine.parallel.data_parallel import ZeroAdamW
+    from conftest import zero_as_rank
 
-    opt = ZeroAdamW([{"params": list(model.parameters()), "weight_decay": 0.0, "dp_group": None}], 1e-3,
-                    (0.9, 0.999), 1e-8)
-    shard = opt.shards[0]
-    shard.padded = -(-shard.numel // world) * world
-    chunk = shard.padded // world
-    shard.start, shard.end = rank * chunk, rank * chunk + chunk
-    master = opt.param_groups[0]["params"][0]
+    opt, shard, master = zero_as_rank(model, rank, world)
     master.data = shard.owned([p.data for p in shard.params])
     if fill:
         opt.state[master] = {"step": torch.tensor(4.0)}

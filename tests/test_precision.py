@@ -129,15 +129,9 @@ class _Runner:
 def _zero_rank(model, rank: int, world: int, masters: torch.Tensor):
     """A bf16 ``ZeroAdamW`` as rank ``rank`` of ``world`` would hold it (slice bounds set by hand),
     its master slice cut from the full flat fp32 ``masters``."""
-    from engine.parallel.data_parallel import ZeroAdamW
+    from conftest import zero_as_rank
 
-    opt = ZeroAdamW([{"params": list(model.parameters()), "weight_decay": 0.0, "dp_group": None}], 1e-3,
-                    (0.9, 0.999), 1e-8)
-    shard = opt.shards[0]
-    shard.padded = -(-shard.numel // world) * world
-    chunk = shard.padded // world
-    shard.start, shard.end = rank * chunk, rank * chunk + chunk
-    master = opt.param_groups[0]["params"][0]
+    opt, shard, master = zero_as_rank(model, rank, world)
     master.data = torch.nn.functional.pad(masters, (0, shard.padded - masters.numel()))[shard.start:shard.end].clone()
     opt.state[master] = {"step": torch.tensor(4.0), "exp_avg": torch.zeros_like(master),
                          "exp_avg_sq": torch.zeros_like(master)}
