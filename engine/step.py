@@ -43,6 +43,7 @@ class LocalRunner:
         self.pad_id = pad_id
         self.poison_loss = False  # fault drill: set by the trainer for faults.nan_at_steps
         self.objective = objective if objective is not None else LanguageModelling()
+        self.last_packed: list[Packed] = []
         self._grid = build_grid("llm", {"tp": 1, "hp": 1, "dp": 1, "pp": 1}, 0, 1, create_groups=False)
         from engine.parallel.materialize import is_meta, materialize_for
 
@@ -95,6 +96,7 @@ class LocalRunner:
         step = batch if isinstance(batch, StepBatch) else StepBatch.from_samples(batch)
         load_share(step, self.data_request, self.device)
         items, packed = self._pack_step(step)
+        self.last_packed = packed  # the step's microbatches (tools read their shapes)
         obj, layout, lm = self.objective, self.layout(), self.model.language_model
         stats = {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
                  "metrics": {}, **step.data_stats()}

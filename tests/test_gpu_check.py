@@ -27,6 +27,6 @@ def test_gpu_check_dry_run_writes_all_sections(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["tokens_per_s"] > 0 and r["steps_timed"] == 2 and r["peak_mem_mib"] > 0
-    assert set(by_trainer["engine"]["phase_ms"]) == {"vit_fwd", "llm_fwd", "loss_fwd", "backward", "optimizer"}
+    assert set(by_trainer["engine"]["phase_ms"]) == {"pack", "vit_fwd", "llm_fwd", "loss_fwd", "backward", "optimizer"}
     md = (tmp_path / "gpu_check.md").read_text()
     assert "## tests" in md and "## kernels" in md and "## train" in md

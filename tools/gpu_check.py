@@ -260,44 +260,44 @@ def _peak_mem(device) -> tuple[float, str]:
 
 
 def engine_steps(cfg, samples_per_step: list[list], device, dtype) -> dict:
-    """Optimizer steps of the engine with per-phase synchronised timers. The forward mirrors
-    ``InternVLModel.loss_terms``; backward is timed as one phase (ViT and LLM not split)."""
-    from engine.data.packing import pack
-    from engine.models.layers import autocast_context
-    from engine.optim import build_optimizer
-    from engine.precision import apply_param_dtype
+    """Optimizer steps of the engine's own single-process runner (``LocalRunner``: packing, the
+    language-modelling objective, the parameter dtype of ``train.param_dtype``), timed by phase with
+    synchronised timers: hooks mark the ViT forward, the LLM forward and the loss of the (one)
+    microbatch; the rest of ``forward_backward`` is its backward."""
+    from engine.parallel.objective import LanguageModelling
+    from engine.step import LocalRunner
     from engine.trainer import build_model
 
-    model = build_model(cfg).to(device)
+    t = Timer(device)
+    ph: dict[str, float] = {}
+
+    class TimedObjective(LanguageModelling):
+        def head(self, lm, layout, h, tokens, mb):
+            ph["llm_fwd"] = ph.get("llm_fwd", 0.0) + t.lap()
+            out = super().head(lm, layout, h, tokens, mb)
+            ph["loss_fwd"] = ph.get("loss_fwd", 0.0) + t.lap()
+            return out
+
+    runner = LocalRunner(build_model(cfg), cfg, device, dtype, objective=TimedObjective())
+    model = runner.model
     params = sum(p.numel() for p in model.parameters())
-    param_dtype = apply_param_dtype(model, cfg.train.param_dtype, device)  # auto: bf16 + fp32 masters on a GPU
-    opt = build_optimizer(model.named_parameters(), cfg.train, device)
+    param_dtype = next(model.parameters()).dtype
+    model.vision_model.register_forward_pre_hook(lambda *_: ph.__setitem__("pack", ph.get("pack", 0.0) + t.lap()))
+    model.projector.register_forward_hook(lambda *_: ph.__setitem__("vit_fwd", ph.get("vit_fwd", 0.0) + t.lap()))
     steps = []
     for samples in samples_per_step:
-        b = pack(samples, cfg).to(device)
-        W = float(b.loss_weights.sum())
-        lm = model.language_model
-        t = Timer(device)
-        ph = {}
-        with autocast_context(device, dtype):
-            feats = model.extract_feature(b.pixel_values)
-            ph["vit_fwd"] = t.lap()
-            h = model.embed(b.input_ids, feats, b.image_tiles, b.cu_seqlens)
-            ctx = model.sequence_context(b.input_ids, b.position_ids, b.cu_seqlens)
-            h = lm.norm(lm.forward_layers(h, ctx))
-            ph["llm_fwd"] = t.lap()
-            loss_sum, _ = model.loss_fn(h.reshape(-1, h.shape[-1]), lm.lm_head.weight, b.targets.reshape(-1),
-                                        b.loss_weights.reshape(-1))
-            ph["loss_fwd"] = t.lap()
-        (loss_sum / W).backward()
+        ph.clear()
+        t.lap()
+        stats = runner.forward_backward(samples)
         ph["backward"] = t.lap()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        runner.optimizer.step()
+        runner.optimizer.zero_grad(set_to_none=True)
         ph["optimizer"] = t.lap()
-        steps.append(dict(phases=ph, tokens=b.text_tokens + b.visual_tokens, tiles=b.num_tiles,
-                          padded_tokens=int(b.input_ids.numel()), loss=float(loss_sum.detach()) / W))
+        b = runner.last_packed
+        steps.append(dict(phases=dict(ph), tokens=stats["tokens"], tiles=sum(s.num_tiles for s in samples),
+                          padded_tokens=sum(int(x.batch.input_ids.numel()) for x in b), loss=stats["loss"]))
     return dict(params=params, steps=steps, attention="engine auto (best of flash/varlen/flex/sdpa)",
-                param_dtype=str(param_dtype).replace("torch.", ""))
+                param_dtype=str(param_dtype).replace("torch.", ""), runner="engine.step.LocalRunner")
 
 
 def hf_steps(cfg, samples_per_step: list[list], device, dtype) -> dict:
@@ -436,8 +436,8 @@ def run_train(args, budget: Budget) -> dict:
                 continue
             print(f"[train] {preset} {trainer} ({cut})", flush=True)
             rows.append(train_row(preset, trainer, cfg, cut, runner, per, warmup, device, dtype, peak))
-    out["note"] = ("phases: engine = ViT forward / LLM forward / loss forward / backward (whole model) / "
-                   "optimizer; transformers = forward+loss / backward / optimizer; synchronised timers")
+    out["note"] = ("phases: engine (its LocalRunner) = pack / ViT forward / LLM forward / loss forward / backward "
+                   "(whole model) / optimizer; transformers = forward+loss / backward / optimizer; synchronised timers")
     return out
 
 
