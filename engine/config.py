@@ -571,6 +571,9 @@ def validate_config(cfg: Config, world_size: Optional[int] = None) -> None:
            f"faults.nan_at_steps={nan_steps!r} must be a list of step numbers >= 1")
     _choice(t.dtype, "train.dtype", ("auto", "float32", "bfloat16"))
     _choice(t.param_dtype, "train.param_dtype", ("auto", "float32", "bfloat16"))
+    if t.param_dtype == "bfloat16" and t.dtype == "float32":
+        raise ConfigError("train.param_dtype=bfloat16 needs bf16 autocast (train.dtype=auto or bfloat16), not "
+                          "train.dtype=float32: norm gains and biases stay float32")
     _choice(t.device, "train.device", ("auto", "cpu", "cuda"))
     for k in ("rotary", "pixel_shuffle", "loss"):
         _choice(getattr(cfg.kernels, k), f"kernels.{k}", ("auto", "triton", "reference"))

@@ -3,8 +3,11 @@ The default, ``auto``, is bf16 on a GPU and float32 on a CPU (the path every par
 
 ``float32`` changes nothing: fp32 parameters, ``.grad`` and AdamW state;
 ``train.dtype`` only picks the autocast dtype. With ``bfloat16`` (``apply_param_dtype``):
-- the model's floating-point parameters are stored in bf16 and used so in forward and backward;
-- every trainable parameter gets an fp32 ``main_grad`` buffer; a post-accumulate-grad hook adds
+- the model's weight matrices (parameters of two or more dimensions) are stored in bf16 and used
+  so in forward and backward; norm gains and biases stay fp32: a gain of ~1 in bf16 moves in steps of
+  2^-8, so small updates to it never reach the forward (on the tiny preset, bf16 gains ended 11% above
+  the fp32 loss after 100 steps, fp32 ones within 2%);
+- every trainable bf16 parameter gets an fp32 ``main_grad`` buffer; a post-accumulate-grad hook adds
   each backward's bf16 ``.grad`` into it and frees ``.grad``, so microbatches accumulate in fp32;
 - the optimizer owns fp32 master weights, steps them from the main grads and copies them back
   into the parameters (``engine.optim.MasterAdamW``; ``ZeroAdamW`` keeps master slices of its
@@ -54,7 +57,9 @@ def apply_param_dtype(model: torch.nn.Module, name: str, device: torch.device, a
     if announce:
         log.info("precision: %s parameters, fp32 main grads and master weights", str(dtype).replace("torch.", ""))
     for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
+        if not p.is_floating_point() or p.ndim < 2:
+            continue  # norm gains and biases stay fp32 (their .grad accumulates in fp32)
+        if p.dtype != dtype:
             p.data = p.data.to(dtype)
         if p.requires_grad and not hasattr(p, "main_grad"):
             p.main_grad = torch.zeros_like(p, dtype=torch.float32)

@@ -52,7 +52,8 @@ class LocalRunner:
 
             model = materialize_for(model, cfg, plan_for(cfg), {"llm": (0, 1), "vit": (0, 1)}, device)
         self.model = model.to(device)
-        apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before the optimizer: it builds its masters
+        if apply_param_dtype(self.model, cfg.train.param_dtype, device) != torch.float32:  # before the optimizer
+            self.autocast_dtype = autocast_dtype or torch.bfloat16  # fp32 gains and biases meet bf16 weights
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
         if cfg.balance.enabled:
             logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")

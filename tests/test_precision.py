@@ -65,11 +65,12 @@ def test_hooks_accumulate_microbatches_in_fp32_main_grads():
 def test_master_adamw_steps_fp32_masters_and_restores_them_exactly():
     from engine.optim import MasterAdamW, build_optimizer, clip_grad_norm
     from engine.config import TrainConfig
-    from engine.precision import apply_param_dtype
+    from engine.precision import apply_param_dtype, grad_of
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
-    ref = [p.detach().to(torch.bfloat16).float().clone().requires_grad_(True) for p in model.parameters()]
+    ref = [(p.detach().to(torch.bfloat16).float() if p.ndim >= 2 else p.detach()).clone().requires_grad_(True)
+           for p in model.parameters()]  # weights are stored in bf16, biases stay fp32
     apply_param_dtype(model, "bfloat16", torch.device("cpu"))
     cfg = TrainConfig(lr=1e-2, weight_decay=0.1)
     opt = build_optimizer(model.named_parameters(), cfg, torch.device("cpu"))
@@ -78,17 +79,18 @@ def test_master_adamw_steps_fp32_masters_and_restores_them_exactly():
                                  {"params": [ref[1], ref[3]], "weight_decay": 0.0}], lr=1e-2)
     for step in range(3):
         opt.zero_grad()
-        model(torch.randn(4, 8, dtype=torch.bfloat16)).pow(2).sum().backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.randn(4, 8)).float().pow(2).sum().backward()
         norm = clip_grad_norm(list(model.parameters()), 0.5)
         assert norm > 0.5  # clipped: the main grads were scaled
         for r, p in zip(ref, model.parameters()):
-            r.grad = p.main_grad.clone()
+            r.grad = grad_of(p).clone()
         ref_opt.step()
         opt.step()
         ref_by_param = dict(zip((id(p) for p in model.parameters()), ref))
         for p, m in zip(opt.params, opt.masters):
             assert torch.equal(m.detach(), ref_by_param[id(p)].detach()), step
-            assert torch.equal(p.detach(), m.detach().to(torch.bfloat16)), step
+            assert torch.equal(p.detach(), m.detach().to(p.dtype)), step
     state = opt.state_dict()
     saved = [m.detach().clone() for m in opt.masters]
     with torch.no_grad():
@@ -96,7 +98,7 @@ def test_master_adamw_steps_fp32_masters_and_restores_them_exactly():
             m.add_(1.0)
     opt.load_state_dict(state)
     for m, s, p in zip(opt.masters, saved, opt.params):
-        assert torch.equal(m.detach(), s) and torch.equal(p.detach(), s.to(torch.bfloat16))
+        assert torch.equal(m.detach(), s) and torch.equal(p.detach(), s.to(p.dtype))
 
 
 def test_param_dtype_is_validated():
@@ -107,6 +109,8 @@ def test_param_dtype_is_validated():
     with pytest.raises(ConfigError, match=r"train.param_dtype='float16' must be one of auto, float32, bfloat16"):
         load_config(CONFIG, ["train.param_dtype=float16"])
     assert load_config(CONFIG, []).train.param_dtype == "auto"  # fp32 on a CPU, bf16 on a GPU
+    with pytest.raises(ConfigError, match="train.param_dtype=bfloat16 needs bf16 autocast"):
+        load_config(CONFIG, ["train.param_dtype=bfloat16", "train.dtype=float32"])
     assert resolve_param_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_param_dtype("auto", torch.device("cuda")) == torch.bfloat16
     assert resolve_param_dtype("float32", torch.device("cuda")) == torch.float32
@@ -114,7 +118,8 @@ def test_param_dtype_is_validated():
 
 def _bf16_toy(seed: int):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    # weight matrices only: every parameter is stored in bf16 (norm gains and biases would stay fp32)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7, bias=False), torch.nn.Linear(7, 3, bias=False))
     from engine.precision import apply_param_dtype
 
     apply_param_dtype(model, "bfloat16", torch.device("cpu"))
@@ -195,14 +200,14 @@ def test_masters_reshard_between_zero_sizes_and_without_zero(tmp_path, monkeypat
     off = 0
     for m, p in zip(opt.masters, opt.params):
         assert torch.equal(m.detach(), masters[off:off + p.numel()].view_as(p))
-        assert torch.equal(p.detach(), m.detach().to(torch.bfloat16))
+        assert torch.equal(p.detach(), m.detach().to(p.dtype))
         off += p.numel()
     publish(str(tmp_path / "again"), [collect_runner_state(plain, 0)])
     again = CheckpointReader(str(tmp_path / "again"))
     for key in reader.keys():
         assert torch.equal(again.read(key), reader.read(key)), key
 
-    fp32_model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3))
+    fp32_model = torch.nn.Sequential(torch.nn.Linear(5, 7, bias=False), torch.nn.Linear(7, 3, bias=False))
     fp32 = _Runner(fp32_model, torch.optim.AdamW(fp32_model.parameters()))
     load_model(reader, fp32, None)
     load_optimizer(reader, fp32)
@@ -281,14 +286,14 @@ def test_bf16_tracks_fp32_over_100_steps(synthetic_data, tmp_path):
         trainer, hist = _train_inprocess(tiny_overrides(synthetic_data, str(tmp_path / name),
                                                         **{"train.steps": 100, **extra}))
         out[name] = [h["loss"] for h in hist]
-        dtypes = {p.dtype for p in trainer.runner.model.parameters()}
-        assert dtypes == ({torch.bfloat16} if extra else {torch.float32}), name
+        params = list(trainer.runner.model.parameters())
+        assert {p.dtype for p in params if p.ndim >= 2} == ({torch.bfloat16} if extra else {torch.float32}), name
+        assert {p.dtype for p in params if p.ndim < 2} == {torch.float32}, name  # norm gains and biases
         print(f"{name}: {time.perf_counter() - t0:.1f} s, first loss {out[name][0]:.4f}, final loss {out[name][-1]:.4f}")
-    f32, b16 = out["fp32"][-1], out["bf16"][-1]
+    f32, b16 = (sum(v[-10:]) / 10 for v in (out["fp32"], out["bf16"]))  # the final loss, over the last 10 steps
     rel = abs(b16 - f32) / f32
-    tail = {k: sum(v[-10:]) / 10 for k, v in out.items()}
-    print(f"final loss fp32 {f32:.5f} bf16 {b16:.5f} relative difference {rel:.2e}; mean of the last 10 steps "
-          f"fp32 {tail['fp32']:.5f} bf16 {tail['bf16']:.5f}")
+    print(f"final loss (mean of the last 10 steps) fp32 {f32:.5f} bf16 {b16:.5f} relative difference {rel:.2e}; "
+          f"last step fp32 {out['fp32'][-1]:.5f} bf16 {out['bf16'][-1]:.5f}")
     assert len(out["bf16"]) == 100 and out["bf16"][-1] < 0.8 * out["bf16"][0]
     assert rel <= 0.03
 
@@ -375,7 +380,7 @@ def _assert_masters_equal(got: dict, want: dict, what: str) -> None:
 
 def test_bf16_resume_is_exact_in_one_process(one_process):
     r = one_process
-    assert r["param_dtypes"] == ["torch.bfloat16"] and r["optimizer"] == "MasterAdamW"
+    assert r["param_dtypes"] == ["torch.bfloat16", "torch.float32"] and r["optimizer"] == "MasterAdamW"
     assert r["start"] == SAVE_AT and len(r["resumed"]) == STEPS - SAVE_AT
     assert r["resumed"] == r["history"][SAVE_AT:]  # losses, grad norms and lr: bitwise
     _assert_masters_equal(r["loaded_masters"], r["saved_masters"], "one process")
@@ -384,7 +389,7 @@ def test_bf16_resume_is_exact_in_one_process(one_process):
 def test_bf16_resume_is_exact_with_dp2_zero1(dp2_zero1):
     ranks = dp2_zero1["ranks"]
     for r in ranks:
-        assert r["param_dtypes"] == ["torch.bfloat16"] and r["optimizer"] == "ZeroAdamW"
+        assert r["param_dtypes"] == ["torch.bfloat16", "torch.float32"] and r["optimizer"] == "ZeroAdamW"
         assert r["start"] == SAVE_AT
         assert r["history"] == ranks[0]["history"]
         assert r["resumed"] == r["history"][SAVE_AT:]

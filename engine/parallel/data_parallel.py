@@ -221,5 +221,7 @@ def build_zero_optimizer(named_groups: Sequence[tuple[Iterable[tuple[str, torch.
     groups = []
     for named, dp_group in named_groups:
         for g in param_groups(named, cfg.weight_decay):
-            groups.append({"params": g["params"], "weight_decay": g["weight_decay"], "dp_group": dp_group})
+            for dtype in sorted({p.dtype for p in g["params"]}, key=str):  # one dtype per flat group (bf16 gathers)
+                params = [p for p in g["params"] if p.dtype == dtype]
+                groups.append({"params": params, "weight_decay": g["weight_decay"], "dp_group": dp_group})
     return ZeroAdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)

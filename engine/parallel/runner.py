@@ -188,6 +188,8 @@ class ParallelRunner:
                             device)
         self.model.to(device)
         self.param_dtype = apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before reducers, optimizer
+        if self.param_dtype != torch.float32:  # fp32 gains and biases meet bf16 weights
+            self.autocast_dtype = autocast_dtype = autocast_dtype or torch.bfloat16
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,

@@ -5,7 +5,7 @@ What the engine keeps (``engine.trainer`` / ``engine.parallel.runner``), by ``tr
 - weights: fp32 parameters (4 B each); the forward runs under bf16 autocast, whose cache keeps a
   bf16 copy (2 B) of every weight a linear uses: saved by autograd until backward without
   activation checkpointing (one copy per microbatch in flight), transient with it. bf16
-  parameters: 2 B each and no copies;
+  parameters: 2 B per weight matrix element (norm gains and biases stay fp32) and no copies;
 - gradients: fp32 ``.grad`` (4 B per trainable parameter), allocated in backward, freed at the
   next step's ``zero_grad(set_to_none=True)``. bf16 parameters: fp32 main grads (4 B), held from
   set-up on (``zero_grad`` zeroes them);
@@ -144,11 +144,11 @@ def stage_memory(cfg: Config, sh: StageShards, layout: Layout, work: Workload,
     L, m = cfg.parallel.llm, cfg.model
     ckpt_cfg, freeze = cfg.train.activation_checkpointing, cfg.train.freeze_vit
     P = {"vit": sh.count("vision_model."), "projector": sh.count("projector."), "llm": sh.count("language_model.")}
-    total = sum(P.values())
     vit_train = (0 if freeze else P["vit"]) + P["projector"]
     bf16 = bf16_params(cfg, backend)
     param_bytes, cast = (2, 0) if bf16 else (4, 2)
-    weights, grads_llm, grads_vit = param_bytes * total, 4 * P["llm"], 4 * vit_train
+    weights = sum(t.numel() * (param_bytes if t.ndim >= 2 else 4) for t in sh.params.values())  # gains, biases fp32
+    grads_llm, grads_vit = 4 * P["llm"], 4 * vit_train
     if cfg.parallel.zero1:
         dps = {"vit": layout.vit_dp * cfg.parallel.vit.hp, "llm": layout.llm_dp * L.hp}
         groups = optimizer_groups(sh, cfg)
