@@ -107,6 +107,15 @@ VIT_6B = VisionConfig(hidden_size=3200, num_layers=45, num_heads=25, intermediat
                       norm_type="rms_norm", qkv_bias=False, qk_normalization=True)
 
 
+def _tiny(name: str, vision: VisionConfig) -> ModelConfig:
+    """A tiny preset: ``vision`` with a 4-layer LLM; token ids are those of the synthetic sentencepiece
+    tokenizer (tools/make_synthetic_data.py)."""
+    llm = LLMConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                    rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192)
+    return ModelConfig(preset=name, vision=vision, llm=llm, img_context_token_id=7, img_start_token_id=5,
+                       img_end_token_id=6)
+
+
 def _qwen(hidden: int, layers: int, heads: int, kv: int, ffn: int) -> LLMConfig:
     return LLMConfig(vocab_size=151674, hidden_size=hidden, num_layers=layers, num_heads=heads,
                      num_kv_heads=kv, intermediate_size=ffn, rope_theta=1_000_000.0, rms_norm_eps=1e-6)
@@ -120,24 +129,12 @@ PRESETS: dict[str, ModelConfig] = {
     "internvl3-38b": ModelConfig(preset="internvl3-38b", vision=VIT_6B, llm=_qwen(5120, 64, 40, 8, 27648)),
     "internvl3-78b": ModelConfig(preset="internvl3-78b", vision=VIT_6B, llm=_qwen(8192, 80, 64, 8, 29568)),
     # Trains on a 2-core CPU: 112px tiles (8x8 patches -> 16 visual tokens per tile).
-    # Token ids are those of the synthetic sentencepiece tokenizer (tools/make_synthetic_data.py).
-    "tiny": ModelConfig(
-        preset="tiny",
-        vision=VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=112,
-                            patch_size=14, norm_type="layer_norm", qkv_bias=True, qk_normalization=False),
-        llm=LLMConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                      intermediate_size=256, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192),
-        img_context_token_id=7, img_start_token_id=5, img_end_token_id=6,
-    ),
+    "tiny": _tiny("tiny", VisionConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128, image_size=112,
+                                       patch_size=14, norm_type="layer_norm", qkv_bias=True, qk_normalization=False)),
     # Tiny model with the 6B-style ViT (RMSNorm, qk-norm over the full hidden size, no qkv bias).
-    "tiny-6b-vit": ModelConfig(
-        preset="tiny-6b-vit",
-        vision=VisionConfig(hidden_size=60, num_layers=2, num_heads=5, intermediate_size=128, image_size=112,
-                            patch_size=14, norm_type="rms_norm", qkv_bias=False, qk_normalization=True),
-        llm=LLMConfig(vocab_size=512, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                      intermediate_size=256, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=8192),
-        img_context_token_id=7, img_start_token_id=5, img_end_token_id=6,
-    ),
+    "tiny-6b-vit": _tiny("tiny-6b-vit", VisionConfig(hidden_size=60, num_layers=2, num_heads=5, intermediate_size=128,
+                                                     image_size=112, patch_size=14, norm_type="rms_norm",
+                                                     qkv_bias=False, qk_normalization=True)),
 }
 
 

@@ -67,6 +67,12 @@ def apply_param_dtype(model: torch.nn.Module, name: str, device: torch.device, a
     return dtype
 
 
+def autocast_for(param_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """The autocast dtype a runner uses: bf16 parameters always run under bf16 autocast (their fp32 norm
+    gains and biases meet bf16 weights); fp32 ones under ``autocast_dtype`` (``train.dtype``)."""
+    return autocast_dtype if param_dtype == torch.float32 else (autocast_dtype or torch.bfloat16)
+
+
 def grad_of(p: torch.Tensor) -> Optional[torch.Tensor]:
     """The gradient to reduce, clip and step from: the fp32 main grad when ``p`` has one, else ``.grad``."""
     main = getattr(p, "main_grad", None)

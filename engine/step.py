@@ -22,10 +22,11 @@ from engine.data.loader import StepBatch
 from engine.data.packing import first_fit
 from engine.models.layers import autocast_context
 from engine.parallel.data_share import load_share
-from engine.parallel.objective import LanguageModelling, Objective, PackContext, Packed
+from engine.parallel.objective import (LanguageModelling, Objective, PackContext, Packed, count_stats,
+                                      empty_step_stats, packed_counts)
 from engine.parallel.parallelize import LLMLayout, embed_tokens, shard_tokens
 from engine.parallel.topology import build_grid
-from engine.precision import apply_param_dtype
+from engine.precision import apply_param_dtype, autocast_for
 
 
 class LocalRunner:
@@ -52,8 +53,8 @@ class LocalRunner:
 
             model = materialize_for(model, cfg, plan_for(cfg), {"llm": (0, 1), "vit": (0, 1)}, device)
         self.model = model.to(device)
-        if apply_param_dtype(self.model, cfg.train.param_dtype, device) != torch.float32:  # before the optimizer
-            self.autocast_dtype = autocast_dtype or torch.bfloat16  # fp32 gains and biases meet bf16 weights
+        param_dtype = apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before the optimizer's masters
+        self.autocast_dtype = autocast_for(param_dtype, autocast_dtype)
         self.optimizer = build_optimizer(self.model.named_parameters(), cfg.train, device)
         if cfg.balance.enabled:
             logging.getLogger("engine.balance").info("balance.enabled: one process, nothing to balance")
@@ -70,9 +71,9 @@ class LocalRunner:
     def _pack_step(self, step: StepBatch) -> tuple[list, list[Packed]]:
         """(the step's items, its microbatches): contiguous groups, packed by the objective."""
         cfg = self.cfg
-        one = Layout(world=1, microbatches=cfg.parallel.llm.microbatches, max_packed_tokens=cfg.data.max_packed_tokens,
-                     num_image_token=cfg.model.num_image_token)
         if "local_placement" not in step.memo:
+            one = Layout(world=1, microbatches=cfg.parallel.llm.microbatches,
+                         max_packed_tokens=cfg.data.max_packed_tokens, num_image_token=cfg.model.num_image_token)
             shapes = sample_shapes(step.num_tokens, step.image_tiles, one.num_image_token)
             step.memo["local_placement"] = place(shapes, one, first_fit, balanced=False)
         placement = step.memo["local_placement"]
@@ -99,8 +100,7 @@ class LocalRunner:
         items, packed = self._pack_step(step)
         self.last_packed = packed  # the step's microbatches (tools read their shapes)
         obj, layout, lm = self.objective, self.layout(), self.model.language_model
-        stats = {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
-                 "metrics": {}, **step.data_stats()}
+        stats = {**empty_step_stats(), **step.data_stats()}
         if not obj.begin(obj.totals(packed), step, self):
             return stats
         sums, poison = dict.fromkeys(obj.stat_keys, 0.0), self.poison_loss
@@ -114,9 +114,7 @@ class LocalRunner:
             for k, v in terms.items():
                 sums[k] += v
         stats.update(obj.finish(sums))
-        b = [mb.batch for mb in packed]
-        text, visual = sum(x.text_tokens for x in b), sum(x.visual_tokens for x in b)
-        stats.update(text_tokens=text, visual_tokens=visual, tokens=text + visual, samples=sum(x.num_samples for x in b))
+        stats.update(count_stats(*packed_counts(packed)))
         return stats
 
     @torch.no_grad()

@@ -54,14 +54,10 @@ def resolve_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(choice: str, device: torch.device, param_dtype: str = "float32") -> Optional[torch.dtype]:
-    """Autocast dtype: bf16 on GPU, none (float32) on CPU unless asked; always bf16 with bf16
-    parameters (``train.param_dtype``: their fp32 norm gains and biases meet bf16 weights)."""
-    from engine.precision import resolve_param_dtype
-
+def resolve_dtype(choice: str, device: torch.device) -> Optional[torch.dtype]:
+    """Autocast dtype: bf16 on GPU, none (float32) on CPU unless asked (bf16 parameters: always bf16,
+    the runners see to it, ``engine.precision.autocast_for``)."""
     if choice == "bfloat16" or (choice == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    if choice == "auto" and resolve_param_dtype(param_dtype, device) == torch.bfloat16:
         return torch.bfloat16
     return None
 
@@ -223,7 +219,7 @@ class Trainer:
         validate_config(cfg, self.world)
         self._validate()
         self.device = resolve_device(cfg.train.device, self.local_rank)
-        self.autocast_dtype = resolve_dtype(cfg.train.dtype, self.device, cfg.train.param_dtype)
+        self.autocast_dtype = resolve_dtype(cfg.train.dtype, self.device)
         self.run_dir = cfg.run_dir
         seed_everything(cfg.train.seed)
 

@@ -95,3 +95,15 @@ def zero_as_rank(model, rank: int, world: int):
     chunk = shard.padded // world
     shard.start, shard.end = rank * chunk, rank * chunk + chunk
     return opt, shard, opt.param_groups[0]["params"][0]
+
+
+def record_at_save(trainer, step: int, record) -> None:
+    """Call ``record()`` when ``trainer`` saves the checkpoint of ``step``, before it is written."""
+    save = trainer.save
+
+    def recording_save():
+        if trainer.step == step:
+            record()
+        return save()
+
+    trainer.save = recording_save

@@ -86,14 +86,9 @@ def train(rank: int, world: int, config: str, opts: list[str], resume: str = "")
     if resume:
         result["loaded"] = full_state(trainer.runner)
     else:
-        save = trainer.save
+        from conftest import record_at_save
 
-        def recording_save():
-            if trainer.step == SAVE_AT:
-                result["saved"] = full_state(trainer.runner)
-            return save()
-
-        trainer.save = recording_save
+        record_at_save(trainer, SAVE_AT, lambda: result.__setitem__("saved", full_state(trainer.runner)))
     result["history"] = [(r["loss"], r["grad_norm"], r["lr"]) for r in trainer.train()]
     return result if rank == 0 else {"history": result["history"]}
 

@@ -336,14 +336,9 @@ def train_and_resume(rank: int, world: int, opts: list[str], resume_from: str = 
     run_dir = [o.split("=", 1)[1] for o in opts if o.startswith("run.dir=")][-1]
     if not resume_from:
         trainer = Trainer(load_config(CONFIG, opts))
-        save = trainer.save
+        from conftest import record_at_save
 
-        def recording_save():
-            if trainer.step == SAVE_AT:
-                out["saved_masters"] = full_masters(trainer.runner)
-            return save()
-
-        trainer.save = recording_save
+        record_at_save(trainer, SAVE_AT, lambda: out.__setitem__("saved_masters", full_masters(trainer.runner)))
         out["history"] = [row(h) for h in trainer.train()]
         resume_from = os.path.join(run_dir, "checkpoints", f"step_{SAVE_AT:08d}")
     again = Trainer(load_config(CONFIG, opts + [f"run.dir={run_dir}-resumed", f"train.resume={resume_from}"]))

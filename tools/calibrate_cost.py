@@ -187,7 +187,7 @@ def calibrate(args: argparse.Namespace) -> CostModel:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = int(os.environ.get("RANK", "0"))
     device = resolve_device(cfg.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = resolve_dtype(cfg.train.dtype, device, cfg.train.param_dtype)
+    dtype = resolve_dtype(cfg.train.dtype, device)
     autocast = lambda: autocast_context(device, dtype)  # noqa: E731
     measure = _timer(device, args.repeats)
     cost = CostModel(exchange_bytes_per_token=cfg.model.llm.hidden_size * (dtype or torch.float32).itemsize)

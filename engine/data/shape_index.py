@@ -119,20 +119,25 @@ def index_key(lines_path: str, settings: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def index_path(lines_path: str, key: str, index_dir: str = "") -> str:
+def index_path(lines_path: str, key: str, index_dir: str = "", kind: str = "shapes") -> str:
+    """``<file>.<key16>.<kind>.npz`` beside the line file, or in ``index_dir``."""
     folder = index_dir or os.path.dirname(os.path.abspath(lines_path))
-    return os.path.join(folder, f"{os.path.basename(lines_path)}.{key[:16]}.shapes.npz")
+    return os.path.join(folder, f"{os.path.basename(lines_path)}.{key[:16]}.{kind}.npz")
+
+
+def write_npz(path: str, **arrays: np.ndarray) -> None:
+    """Write atomically (a reader sees the old file, the new one, or none)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
 
 
 def save_table(path: str, table: ShapeTable, key: str) -> None:
-    """Write atomically (a reader sees the old file, the new one, or none)."""
-    tmp = f"{path}.tmp{os.getpid()}"
     pairs = {} if table.longest is None else {"longest": table.longest}
-    with open(tmp, "wb") as f:
-        np.savez(f, status=table.status, text_tokens=table.text_tokens, offsets=table.offsets,
-                 image_tiles=table.image_tiles, **pairs,
-                 meta=np.frombuffer(json.dumps({"key": key, "messages": table.messages}).encode(), dtype=np.uint8))
-    os.replace(tmp, path)
+    write_npz(path, status=table.status, text_tokens=table.text_tokens, offsets=table.offsets,
+              image_tiles=table.image_tiles, **pairs,
+              meta=np.frombuffer(json.dumps({"key": key, "messages": table.messages}).encode(), dtype=np.uint8))
 
 
 def read_table(path: str, key: str, n: int, pairs: bool = False) -> ShapeTable:
@@ -180,10 +185,8 @@ def line_offsets(path: str, index_dir: str = "") -> tuple[np.ndarray, np.ndarray
     the file's identity (path, size, modification time) as key: the first reader (rank 0, under
     ``leader_first``) scans the file, the others read the offsets instead of the whole file. A
     missing, foreign or inconsistent cache is rescanned (and rewritten when the folder is writable)."""
-    fingerprint = file_fingerprint(path)
-    key = hashlib.sha256(json.dumps({"format": LINES_FORMAT, "file": fingerprint}, sort_keys=True).encode()).hexdigest()
-    cache = os.path.join(index_dir or os.path.dirname(os.path.abspath(path)),
-                         f"{os.path.basename(path)}.{key[:16]}.lines.npz")
+    key = index_key(path, {"lines": LINES_FORMAT})
+    cache = index_path(path, key, index_dir, "lines")
     if os.path.exists(cache):
         try:
             with np.load(cache, allow_pickle=False) as z:
@@ -192,17 +195,14 @@ def line_offsets(path: str, index_dir: str = "") -> tuple[np.ndarray, np.ndarray
             if stored != key or not starts.size == ends.size == numbers.size:
                 raise ValueError("it is the line index of another file")
             if starts.size and (np.any(ends <= starts) or np.any(starts[1:] < ends[:-1])
-                                or int(ends[-1]) > fingerprint["size"]):
+                                or int(ends[-1]) > os.path.getsize(path)):
                 raise ValueError("its offsets are inconsistent")
             return starts, ends, numbers
         except Exception as e:  # any damage: rescan
             log.warning("line index %s is unusable (%s): rescanning %s", cache, e, path)
     starts, ends, numbers = scan_lines(path)
-    tmp = f"{cache}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, starts=starts, ends=ends, numbers=numbers, key=np.frombuffer(key.encode(), dtype=np.uint8))
-        os.replace(tmp, cache)
+        write_npz(cache, starts=starts, ends=ends, numbers=numbers, key=np.frombuffer(key.encode(), dtype=np.uint8))
     except OSError as e:
         log.info("line index of %s not cached (%s)", path, e)
     return starts, ends, numbers

@@ -57,6 +57,24 @@ class Packed:
     extra: Any = None  # the objective's own view of the microbatch
 
 
+def empty_step_stats() -> dict:
+    """A runner's statistics of a step before anything is counted (and of a step with nothing to train on)."""
+    return {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
+            "metrics": {}}
+
+
+def packed_counts(packed: Sequence["Packed"]) -> list[float]:
+    """``[text tokens, visual tokens, samples]`` of microbatches."""
+    b = [p.batch for p in packed]
+    return [sum(x.text_tokens for x in b), sum(x.visual_tokens for x in b), sum(x.num_samples for x in b)]
+
+
+def count_stats(text: float, visual: float, samples: float) -> dict:
+    """The token and sample entries of a step's statistics from ``packed_counts`` (summed over replicas)."""
+    return {"text_tokens": int(text), "visual_tokens": int(visual), "samples": int(samples),
+            "tokens": int(text + visual)}
+
+
 class Objective:
     """The interface, with the defaults of a loss over tokens."""
 

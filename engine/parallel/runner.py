@@ -52,7 +52,8 @@ from engine.optim import clip_grad_norm
 from engine.parallel.data_parallel import GradReducer, build_zero_optimizer
 from engine.parallel.data_share import load_share, place_step, rank_share
 from engine.parallel.exchange import ExchangePlan, VisualExchange
-from engine.parallel.objective import LanguageModelling, Objective, PackContext, Packed
+from engine.parallel.objective import (LanguageModelling, Objective, PackContext, Packed, count_stats,
+                                      empty_step_stats, packed_counts)
 from engine.parallel.materialize import is_meta, materialize_for
 from engine.parallel.parallelize import (LLMLayout, check_layout, embed_tokens, gather_full_state_dict, keep_stage,
                                          parallelize_model, reduce_model_parallel_grads, shard_tokens)
@@ -63,7 +64,7 @@ from engine.parallel.topology import Grid, build_topology
 from engine.parallel.ulysses import LocalTokens
 from engine.watchdog import Watchdog
 from engine.models.layers import autocast_context
-from engine.precision import apply_param_dtype
+from engine.precision import apply_param_dtype, autocast_for
 
 log = logging.getLogger("engine.balance")
 
@@ -188,8 +189,7 @@ class ParallelRunner:
                             device)
         self.model.to(device)
         self.param_dtype = apply_param_dtype(self.model, cfg.train.param_dtype, device)  # before reducers, optimizer
-        if self.param_dtype != torch.float32:  # fp32 gains and biases meet bf16 weights
-            self.autocast_dtype = autocast_dtype = autocast_dtype or torch.bfloat16
+        self.autocast_dtype = autocast_dtype = autocast_for(self.param_dtype, autocast_dtype)
         self.program = build_program(L.pp, L.vpp, self.pp_rank, L.microbatches)
         self.clock = ComputeClock(device)
         self.executor = TimedExecutor(llm.group("pp"), llm.ranks("pp"), self.pp_rank, L.vpp, device,
@@ -199,7 +199,7 @@ class ParallelRunner:
             dist.all_reduce(torch.zeros(1, device=device), group=llm.group("pp"))
         self.exchange = VisualExchange(self.topo)
         self.balance_layout = Layout.from_config(cfg, dist.get_world_size())
-        self.cost = load_cost_model(cfg, (autocast_dtype or self.param_dtype).itemsize)
+        self.cost = load_cost_model(cfg, (autocast_dtype or torch.float32).itemsize)
         self.last_placement: Optional[Placement] = None
         if cfg.balance.enabled:
             log.info("balance: enabled over %d LLM replicas x %d microbatches and %d ViT ranks; cost model %s",
@@ -290,16 +290,13 @@ class ParallelRunner:
         load_share(batch, self.data_request, self.device, wd.enter)
         placement, naive, items, packed, order = self._pack_step(batch)
         self.last_placement = placement
-        local = obj.totals(packed) + [sum(p.batch.text_tokens for p in packed), sum(p.batch.visual_tokens for p in packed),
-                                      sum(p.batch.num_samples for p in packed)]
+        local = obj.totals(packed) + packed_counts(packed)
         totals = torch.tensor(local, dtype=torch.float64, device=self.device)
         wd.enter("loss normalisers (all-reduce over data parallelism)", collective=True)
         if llm.group("dp") is not None:
             dist.all_reduce(totals, group=llm.group("dp"))
         totals = totals.tolist()
-        text, visual, n = totals[-3:]
-        stats = {"loss": 0.0, "weight_total": 0.0, "tokens": 0, "text_tokens": 0, "visual_tokens": 0, "samples": 0,
-                 "metrics": {}}
+        counts, stats = totals[-3:], empty_step_stats()
         wd.enter("objective: step preparation", collective=True)
         if not obj.begin(totals[:-3], batch, self):
             return stats
@@ -346,7 +343,7 @@ class ParallelRunner:
             raise RuntimeError(f"ranks placed the step's samples differently (placement checksums "
                                f"{gathered[:, 3].astype('int64').tolist()}); the balancer must be deterministic")
         stats.update(obj.finish(sums))
-        stats.update(text_tokens=int(text), visual_tokens=int(visual), samples=int(n), tokens=int(text + visual))
+        stats.update(count_stats(*counts))
         stats.update(self._balance_stats(placement, naive, gathered, batch.num_tiles))
         stats.update(straggler_stats(gathered[:, 0] + gathered[:, 1]))
         stats.update(batch.data_stats({k: gathered[:, 6 + j].max() for j, k in enumerate(data_keys)}))
@@ -430,7 +427,7 @@ class ParallelRunner:
 
     def _vit_forward(self, model, pixels: torch.Tensor, autocast, grad: bool) -> torch.Tensor:
         """This ViT rank's tiles through ViT + projector (``[tiles, tokens, hidden]``, plan order)."""
-        dtype = self.autocast_dtype or self.param_dtype  # what the exchange moves
+        dtype = self.autocast_dtype or torch.float32
         with torch.set_grad_enabled(grad):
             if pixels.shape[0]:
                 with self.clock.span("vit"), autocast():
